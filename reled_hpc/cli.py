@@ -1,0 +1,221 @@
+"""`reled-hpc` command line. Every subcommand has --help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ReledError
+
+log = logging.getLogger("reled_hpc")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _print_table(rows: list[dict[str, Any]], keys: list[str]) -> None:
+    widths = {k: max(len(k), *(len(_fmt(r.get(k, ""))) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        print("  ".join(_fmt(r.get(k, "")).ljust(widths[k]) for k in keys))
+
+
+# ---- map -----------------------------------------------------------------------------------------
+def cmd_map_build(args: argparse.Namespace) -> int:
+    from .maps import build_from_osm, build_grid
+    from .osm import download_place
+
+    out = Path(args.out) if args.out else None
+    t0 = time.perf_counter()
+    if args.grid:
+        bundle = build_grid(number=args.grid, length=args.grid_length, out=out)
+    elif args.place:
+        from .maps import cache_dir
+
+        xml = cache_dir() / "downloads" / (args.place.replace("/", "_").replace(" ", "_") + ".osm")
+        if not xml.exists():
+            log.info("downloading %r with osmnx (needs internet)", args.place)
+            download_place(args.place, xml)
+        bundle = build_from_osm(xml, out=out, name=args.name)
+    elif args.source:
+        bundle = build_from_osm(args.source, out=out, name=args.name)
+    else:
+        raise ReledError("map build needs an OSM file, --place NAME or --grid N")
+    m = bundle.manifest
+    state = "cached (no work done)" if bundle.cached else f"built in {time.perf_counter() - t0:.1f} s"
+    print(f"map {m['name']}: {state}\n  folder: {bundle.folder}")
+    print(
+        f"  SUMO edges: {m['sumo_edges']} (of {m['sumo_edges_raw']} before keeping the largest strongly "
+        f"connected component), lane-km: {m['lane_km']}, scale: {m['scale_m']} m"
+    )
+    return 0
+
+
+def cmd_map_info(args: argparse.Namespace) -> int:
+    from .maps import resolve_map
+
+    bundle = resolve_map(args.map)
+    print(json.dumps({"folder": str(bundle.folder), **bundle.manifest}, indent=2))
+    return 0
+
+
+# ---- reference policies ----------------------------------------------------------------------------
+def _progress(env_horizon: float, label: str):
+    """A tqdm bar over simulated time on a terminal; log lines every 10% otherwise."""
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        bar = tqdm(total=int(env_horizon), desc=label, unit="sim-s", leave=False)
+
+        def update(env) -> None:
+            bar.n = int(env.time)
+            bar.set_postfix(arrived=sum(s.status == "arrived" for s in env.agents_state.values()), refresh=False)
+            bar.refresh()
+
+        update.close = bar.close  # type: ignore[attr-defined]
+        return update
+    marks = {"next": 0.1}
+
+    def update_plain(env) -> None:
+        if env.time >= marks["next"] * env_horizon:
+            log.info(
+                "%s: %.0f%% of the horizon (t=%.0f s), %d agents active",
+                label,
+                100 * marks["next"],
+                env.time,
+                len(env.agents),
+            )
+            marks["next"] += 0.1
+
+    update_plain.close = lambda: None  # type: ignore[attr-defined]
+    return update_plain
+
+
+def evaluate_policies(
+    policies: list[str], map_name: str, agents: int, traffic: str, horizon: float, seed: int, episodes: int
+) -> list[dict[str, Any]]:
+    from .env import EnvConfig, NavigationEnv
+    from .maps import resolve_map
+    from .policies import make_policy, run_episode
+
+    bundle = resolve_map(map_name)
+    cfg = EnvConfig(map=map_name, n_agents=agents, traffic=traffic, horizon_s=horizon, seed=seed)  # type: ignore[arg-type]
+    rows = []
+    with NavigationEnv(cfg, bundle) as env:
+        for name in policies:
+            for ep in range(episodes):
+                progress = _progress(horizon, f"{name} ep{ep}")
+                t0 = time.perf_counter()
+                m = run_episode(env, make_policy(name, seed), seed=seed + ep, progress=progress)
+                progress.close()  # type: ignore[attr-defined]
+                rows.append({"policy": name, "episode": ep, "wall_s": round(time.perf_counter() - t0, 2), **m})
+    return rows
+
+
+ROW_KEYS = [
+    "policy",
+    "episode",
+    "agents",
+    "arrival_rate",
+    "mean_travel_time",
+    "mean_return",
+    "arrived",
+    "failed",
+    "truncated",
+    "bg_mean_travel_time",
+    "bg_teleports",
+    "wall_s",
+]
+
+
+def cmd_run_policy(args: argparse.Namespace) -> int:
+    rows = evaluate_policies(args.policy, args.map, args.agents, args.traffic, args.horizon, args.seed, args.episodes)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        _print_table(rows, ROW_KEYS)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print(
+        f"reled-hpc {__version__} demo: reference policies on the shipped map of central Helsinki "
+        f"(© OpenStreetMap contributors), {args.agents} agents, {args.traffic} traffic"
+    )
+    rows = evaluate_policies(
+        ["shortest_path", "random"], "helsinki", args.agents, args.traffic, args.horizon, args.seed, 1
+    )
+    _print_table(rows, ROW_KEYS)
+    sp = rows[0]
+    print(f"\nshortest_path: mean travel time {sp['mean_travel_time']:.1f} s, arrival rate {sp['arrival_rate']:.1%}")
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reled-hpc", description="RELED multi-agent navigation on SUMO city networks.")
+    p.add_argument("--version", action="version", version=f"reled-hpc {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pm = sub.add_parser("map", help="build and inspect maps").add_subparsers(dest="map_command", required=True)
+    b = pm.add_parser(
+        "build",
+        help="build a map folder (SUMO net + routing graph) from OSM or a grid",
+        description="Build a map folder. Cached by content: building the same input twice does no work.",
+    )
+    b.add_argument("source", nargs="?", help="OSM extract (.osm, .osm.xml, .osm.pbf)")
+    b.add_argument("--place", help="download a place's drive network with osmnx (needs internet)")
+    b.add_argument("--grid", type=int, metavar="N", help="a SUMO netgenerate grid of N x N junctions")
+    b.add_argument("--grid-length", type=float, default=200.0, help="grid street length (m)")
+    b.add_argument("--out", help="output folder (default: the cache, $RELED_HPC_CACHE or ~/.cache/reled_hpc)")
+    b.add_argument("--name", help="map name (default: from the file name)")
+    b.set_defaults(func=cmd_map_build)
+    i = pm.add_parser("info", help="print a map's manifest")
+    i.add_argument("map", help="'helsinki', 'grid', a map folder or an OSM file")
+    i.set_defaults(func=cmd_map_info)
+
+    r = sub.add_parser("run-policy", help="run reference policies (random, shortest_path, fastest_path)")
+    r.add_argument(
+        "--policy", nargs="+", default=["shortest_path"], choices=["random", "shortest_path", "fastest_path"]
+    )
+    r.add_argument("--map", default="helsinki")
+    r.add_argument("--agents", type=int, default=100)
+    r.add_argument("--traffic", default="light", choices=["none", "light", "medium", "heavy"])
+    r.add_argument("--horizon", type=float, default=1200.0, help="episode horizon (simulated s)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--episodes", type=int, default=1)
+    r.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    r.set_defaults(func=cmd_run_policy)
+
+    d = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
+    d.add_argument("--agents", type=int, default=100)
+    d.add_argument("--traffic", default="light", choices=["none", "light", "medium", "heavy"])
+    d.add_argument("--horizon", type=float, default=1200.0)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ReledError as exc:
+        print(f"reled-hpc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,650 @@
+"""Multi-agent vehicle navigation in SUMO (libsumo), PettingZoo-Parallel style.
+
+Each agent is a vehicle with an origin and a destination edge. It chooses its route one junction
+at a time, ahead of itself: an agent is asked for a decision whenever fewer than `lookahead`
+planned edges lie ahead of the edge it is on (OSM edges are often crossed within one simulation
+second, so choosing on arrival would be too late). Junctions with a single way on are taken
+without asking. Between decisions SUMO drives. `step(actions)` applies the actions and advances
+SUMO until at least one agent needs a decision, or the episode ends.
+
+Agent states: pending (before its departure time) -> deciding <-> driving -> arrived | failed
+(teleported, dead end) | truncated (horizon). Every agent is always in exactly one state.
+
+SUMO drives each agent along its plan followed by the shortest way on to the goal (the "tail"),
+so lane choice sees the road ahead and no vehicle can run out of route; the route is re-sent
+only when a choice leaves the tail. Should a vehicle ever cross more than `lookahead` edges in
+one step, the tail edges it took join the plan and count as `late_decisions`.
+
+The dicts returned by `reset` and `step` hold the agents that need a decision now (terminated and
+truncated False: `step` needs an action for each) and the agents whose episode ended in this
+step (terminated or truncated True, with their final reward). `infos[a]["action_mask"]` marks the
+valid candidates; `infos[a]["candidates"]` names their SUMO edges.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from .config import require
+from .demand import TRAFFIC_RATES, Trip, agent_trips, background_trips, check_feasible, write_routes
+from .errors import EnvError
+from .maps import MapBundle, resolve_map
+from .sumo_tools import sumo_home
+
+# observation layout: SELF_FEATURES, then A_max rows of CAND_FEATURES
+SELF_FEATURES = ("progress", "elapsed", "dist_to_goal", "n_candidates")
+CAND_FEATURES = ("length", "speed_limit", "occupancy", "rel_speed", "dist_after", "detour", "heading", "is_goal")
+LENGTH_UNIT_M = 1000.0  # edge lengths and detours in km
+SPEED_UNIT = 30.0  # m/s
+
+
+@dataclass
+class EnvConfig:
+    map: str = "helsinki"
+    n_agents: int = 20
+    traffic: Literal["none", "light", "medium", "heavy"] = "light"
+    horizon_s: float = 1200.0
+    lookahead: int = 3
+    a_max: int = 4
+    min_trip_m: float = 500.0
+    depart_window_s: float = 60.0
+    reward_time_scale_s: float = 60.0
+    arrival_bonus: float = 5.0
+    failure_penalty: float = 5.0
+    time_to_teleport_s: float = 300.0
+    invalid_action: Literal["error", "shortest_path"] = "error"
+    fastest_refresh_s: float = 30.0
+    seed: int = 0
+
+    def validate(self, where: str = "env") -> None:
+        require(self.n_agents >= 1, f"{where}.n_agents", f"must be >= 1, got {self.n_agents}")
+        require(self.horizon_s > 0, f"{where}.horizon_s", f"must be > 0, got {self.horizon_s}")
+        require(self.lookahead >= 1, f"{where}.lookahead", f"must be >= 1, got {self.lookahead}")
+        require(self.a_max >= 2, f"{where}.a_max", f"must be >= 2, got {self.a_max}")
+        require(self.min_trip_m >= 0, f"{where}.min_trip_m", f"must be >= 0, got {self.min_trip_m}")
+        require(self.depart_window_s >= 0, f"{where}.depart_window_s", "must be >= 0")
+        require(self.reward_time_scale_s > 0, f"{where}.reward_time_scale_s", "must be > 0")
+        require(self.time_to_teleport_s > 0, f"{where}.time_to_teleport_s", "must be > 0")
+        require(self.fastest_refresh_s > 0, f"{where}.fastest_refresh_s", "must be > 0")
+        require(self.traffic in TRAFFIC_RATES, f"{where}.traffic", f"unknown level {self.traffic!r}")
+
+    @property
+    def obs_dim(self) -> int:
+        return len(SELF_FEATURES) + self.a_max * len(CAND_FEATURES)
+
+    @property
+    def reward_bound(self) -> float:
+        """|r| <= r_max: a decision's time term is at most the horizon."""
+        return self.horizon_s / self.reward_time_scale_s + max(self.arrival_bonus, self.failure_penalty)
+
+
+@dataclass(slots=True)
+class AgentState:
+    vid: str
+    trip: Trip
+    plan: list[int]  # every edge of the route so far, origin first
+    status: str = "pending"  # pending | deciding | driving | arrived | failed | truncated
+    tail: list[int] = field(default_factory=list)  # provisional shortest path plan[-1] -> goal, REVERSED
+    pos: int = 0  # plan index of the edge the vehicle is on
+    in_sumo: bool = False  # added to SUMO (maybe still waiting for insertion)
+    inserted: bool = False  # on the road
+    t_last: float = 0.0  # time of the last decision (reward accounting)
+    ret: float = 0.0
+    decisions: int = 0
+    start_cost: float = 0.0  # shortest distance origin -> goal, for `progress`
+    end_time: float | None = None
+    reason: str = ""
+    candidates: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    cand_dist: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+ENDED = ("arrived", "failed", "truncated")
+
+
+_LIVE: weakref.ref[NavigationEnv] | None = None  # libsumo runs one simulation per process
+
+
+def _claim(env: NavigationEnv) -> None:
+    global _LIVE
+    other = _LIVE() if _LIVE is not None else None
+    if other is not None and other is not env:
+        raise EnvError(
+            "a NavigationEnv already runs a libsumo simulation in this process; libsumo holds one simulation "
+            "per process and would silently replace it. Call close() on the other env first (one env per process "
+            "or MPI rank)."
+        )
+    _LIVE = weakref.ref(env)
+
+
+def _release(env: NavigationEnv) -> None:
+    global _LIVE
+    if _LIVE is not None and _LIVE() is env:
+        _LIVE = None
+
+
+class NavigationEnv:
+    """See the module docstring. Use as a context manager or call close()."""
+
+    metadata: ClassVar[dict[str, Any]] = {"name": "reled_navigation_v0", "is_parallelizable": True}
+
+    def __init__(self, config: EnvConfig | None = None, map_bundle: MapBundle | None = None) -> None:
+        self.config = config or EnvConfig()
+        self.config.validate()
+        self.map = map_bundle or resolve_map(self.config.map)
+        self.graph = self.map.graph
+        check_feasible(self.graph, self.config.n_agents, self.map.name)
+        self.possible_agents = [f"a{i}" for i in range(self.config.n_agents)]
+        self._workdir = tempfile.TemporaryDirectory(prefix="reled_env_")
+        self._started = False
+        self._closed = False
+        self.episode = -1
+        self.agents_state: dict[str, AgentState] = {}
+        self.time = 0.0
+        self.sim_steps = 0
+        self._edge_stats: dict[int, tuple[float, float]] = {}
+        self._fastest: tuple[float, dict[int, np.ndarray]] = (-1.0, {})
+        self._heading_vec = self.graph.end_xy - self.graph.start_xy
+        norms = np.linalg.norm(self._heading_vec, axis=1, keepdims=True)
+        self._heading_vec = self._heading_vec / np.maximum(norms, 1e-9)
+        g = self.graph
+        self._scalar_tables = (  # Python lists: scalar reads from lists are ~10x faster than from arrays
+            (g.length / LENGTH_UNIT_M).tolist(),
+            (g.speed / SPEED_UNIT).tolist(),
+            g.speed.tolist(),
+            g.start_xy.tolist(),
+            g.end_xy.tolist(),
+            self._heading_vec.tolist(),
+        )
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def __enter__(self) -> NavigationEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._started:
+            import libsumo
+
+            libsumo.close()
+            self._started = False
+        _release(self)
+        if not self._closed:
+            self._workdir.cleanup()
+            self._closed = True
+
+    def _sumo_args(self, route_file: Path, seed: int) -> list[str]:
+        return [
+            "-n",
+            str(self.map.net_file),
+            "-r",
+            str(route_file),
+            "--step-length",
+            "1",
+            "--seed",
+            str(seed),
+            "--begin",
+            "0",
+            "--time-to-teleport",
+            str(self.config.time_to_teleport_s),
+            "--no-step-log",
+            "true",
+            "--no-warnings",
+            "true",
+            "--xml-validation",
+            "never",
+            "--device.rerouting.probability",
+            "0",
+            "--collision.action",
+            "teleport",
+        ]
+
+    def _start(self, args: list[str]) -> None:
+        import libsumo
+
+        sumo_home()  # sets SUMO_HOME for libsumo's data files
+        if self._started:
+            libsumo.load(args)
+        else:
+            libsumo.start([str(Path(sumo_home(), "bin", "sumo")), *args])
+            self._started = True
+
+    # ---- episode -------------------------------------------------------------------------------
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None):
+        if self._closed:
+            raise EnvError("this NavigationEnv was closed; create a new one")
+        _claim(self)
+        cfg = self.config
+        self.episode += 1
+        seed = cfg.seed + self.episode if seed is None else int(seed)
+        self.seed_used = seed
+        rng = np.random.default_rng(seed)
+        trips = agent_trips(self.graph, cfg.n_agents, rng, cfg.min_trip_m, cfg.depart_window_s)
+        self.bg_trips = background_trips(self.graph, cfg.traffic, cfg.horizon_s, rng)
+        route_file = Path(self._workdir.name) / f"bg_{self.episode}.rou.xml"
+        write_routes(route_file, self.graph, self.bg_trips)
+        self._start(self._sumo_args(route_file, seed))
+        self.time = 0.0
+        self.sim_steps = 0
+        self.decisions = 0
+        self.invalid_actions = 0
+        self.late_decisions = 0
+        self._edge_stats = {}
+        self._fastest = (-1.0, {})
+        self.agents_state = {}
+        for trip in trips:
+            st = AgentState(vid=trip.vid, trip=trip, plan=[trip.origin], t_last=trip.depart)
+            st.start_cost = float(self.graph.cost_to(trip.dest)[trip.origin])
+            st.tail = self.graph.route(trip.origin, trip.dest)[:0:-1]
+            self.agents_state[trip.vid] = st
+        self._pending = sorted(trips, key=lambda t: (t.depart, t.vid))
+        self._pending_i = 0
+        # event bookkeeping: per-step work is proportional to the agents that can change, not to n
+        self._deciding: dict[str, AgentState] = {}
+        self._dirty: dict[str, AgentState] = {}
+        self._checks: dict[int, list[AgentState]] = {}  # step -> agents whose edge may have changed
+        self._n_live = len(trips)
+        self._bg_depart: dict[str, float] = {}
+        self._bg_travel: list[float] = []
+        self.bg_teleports = 0
+        self.agent_teleports = 0
+        # reset() returns no rewards: the time until the first decision is charged to the next one
+        obs, _, _, _, infos = self._advance(charge=False)
+        return obs, infos
+
+    def step(self, actions: dict[str, int]):
+        missing = [a for a in self._deciding if a not in actions]
+        if missing:
+            raise EnvError(
+                f"step() needs an action for every deciding agent; missing {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}"
+            )
+        for aid in actions:
+            st = self.agents_state.get(aid)
+            if st is None:
+                raise EnvError(f"unknown agent {aid!r}")
+            if st.status != "deciding":
+                raise EnvError(f"agent {aid!r} is {st.status}, not awaiting a decision")
+        for aid, act in actions.items():
+            self._apply(aid, self.agents_state[aid], act)
+        return self._advance()
+
+    # ---- decisions -----------------------------------------------------------------------------
+    def _candidates(self, st: AgentState) -> np.ndarray:
+        succ = self.graph.successors(st.plan[-1])
+        if len(succ) > self.config.a_max:  # keep the a_max closest to the goal (documented cap)
+            dist = self._dist_after(st, succ)
+            succ = succ[np.argsort(dist, kind="stable")[: self.config.a_max]]
+        return succ
+
+    def _apply(self, aid: str, st: AgentState, act: Any) -> None:
+        n = len(st.candidates)
+        try:
+            idx = int(act)
+            valid = 0 <= idx < n and idx == act
+        except (TypeError, ValueError):
+            idx, valid = -1, False
+        if not valid:
+            if self.config.invalid_action == "error":
+                raise EnvError(
+                    f"agent {aid!r}: invalid action {act!r}; valid actions are 0..{n - 1} "
+                    f"(see infos[agent]['action_mask'])"
+                )
+            self.invalid_actions += 1
+            idx = int(np.argmin(st.cand_dist))
+        self._take(st, int(st.candidates[idx]))
+        st.decisions += 1
+        self.decisions += 1
+        self._extend_forced(st)
+        if not self._needs_decision(st):
+            del self._deciding[aid]
+            st.status = "driving"
+
+    def _extend_forced(self, st: AgentState) -> None:
+        """Take single-exit junctions without asking, up to the lookahead."""
+        g = self.graph
+        while (
+            st.plan[-1] != st.trip.dest and g.out_degree[st.plan[-1]] == 1 and self._ahead(st) < self.config.lookahead
+        ):
+            self._take(st, int(g.successors(st.plan[-1])[0]))
+
+    def _take(self, st: AgentState, edge: int) -> None:
+        """Append `edge` to the plan. SUMO drives plan + tail (the shortest way on, so its lane choice
+        sees the road ahead); the route is only re-sent when the choice leaves that tail."""
+        st.plan.append(edge)
+        if st.tail and st.tail[-1] == edge:
+            st.tail.pop()
+        else:
+            st.tail = self.graph.route(edge, st.trip.dest)[:0:-1]
+            self._dirty[st.vid] = st
+
+    def _ahead(self, st: AgentState) -> int:
+        return len(st.plan) - 1 - st.pos
+
+    def _needs_decision(self, st: AgentState) -> bool:
+        return st.plan[-1] != st.trip.dest and len(st.plan) - 1 - st.pos < self.config.lookahead
+
+    def _dist_after(self, st: AgentState, cands: np.ndarray) -> np.ndarray:
+        """Shortest distance to the goal from the start of each candidate edge."""
+        return self.graph.cost_to(st.trip.dest)[cands] + self.graph.length[cands]
+
+    # ---- simulation loop -------------------------------------------------------------------------
+    def _schedule(self, st: AgentState, step: int) -> None:
+        self._checks.setdefault(step, []).append(st)
+
+    def _flush_routes(self) -> None:
+        import libsumo
+
+        ids = self.graph.edge_ids
+        for aid, st in self._dirty.items():
+            if st.status in ENDED:
+                continue
+            if st.in_sumo:
+                # SUMO keeps the passed edges in front of the new route, so its route index keeps
+                # counting from the plan's start (before insertion the route is replaced whole, and
+                # pos is 0): the index is always a plan index
+                libsumo.vehicle.setRoute(aid, [ids[e] for e in st.plan[st.pos :]] + [ids[e] for e in st.tail[::-1]])
+            else:
+                self._insert(st)
+        self._dirty.clear()
+
+    def _insert(self, st: AgentState) -> None:
+        import libsumo
+
+        ids = self.graph.edge_ids
+        libsumo.route.add(f"r_{st.vid}", [ids[e] for e in st.plan] + [ids[e] for e in st.tail[::-1]])
+        libsumo.vehicle.add(st.vid, f"r_{st.vid}", typeID="agent", depart="now", departLane="best", departSpeed="max")
+        st.in_sumo = True
+
+    def _catch_up(self, st: AgentState, pos: int) -> None:
+        """The vehicle got past the plan onto its provisional tail (more than `lookahead` edges in one
+        step): those edges become part of the plan, counted as late decisions."""
+        while len(st.plan) - 1 < pos and st.tail:
+            st.plan.append(st.tail.pop())
+            self.late_decisions += 1
+
+    def _end_agent(self, st: AgentState, status: str, reason: str, out: dict) -> None:
+        cfg = self.config
+        r = -(self.time - st.t_last) / cfg.reward_time_scale_s
+        if status == "arrived":
+            r += cfg.arrival_bonus
+        elif status == "failed":
+            r -= cfg.failure_penalty
+        self._deciding.pop(st.trip.vid, None)
+        st.status, st.reason, st.end_time = status, reason, self.time
+        st.ret += r
+        st.t_last = self.time
+        self._n_live -= 1
+        out[st.trip.vid] = r
+
+    def _advance(self, charge: bool = True):
+        import libsumo
+
+        cfg = self.config
+        states = self.agents_state
+        ended: dict[str, float] = {}
+        get_route_index = libsumo.vehicle.getRouteIndex
+        length, speed = self.graph.length, self.graph.speed
+        while True:
+            self._activate_departures()
+            if self._deciding or self._n_live == 0:
+                break
+            if self.time >= cfg.horizon_s:
+                for st in states.values():
+                    if st.status not in ENDED:
+                        self._end_agent(st, "truncated", "horizon", ended)
+                break
+            self._flush_routes()
+            libsumo.simulationStep()
+            self.sim_steps += 1
+            self.time = libsumo.simulation.getTime()
+            step = self.sim_steps
+            self._edge_stats.clear()
+            for vid in libsumo.simulation.getDepartedIDList():
+                st = states.get(vid)
+                if st is None:
+                    self._bg_depart[vid] = self.time
+                elif st.status == "driving":
+                    st.inserted = True
+                    self._schedule(st, step)
+            for vid in libsumo.simulation.getStartingTeleportIDList():
+                st = states.get(vid)
+                if st is None:
+                    self.bg_teleports += 1
+                elif st.status not in ENDED:
+                    self.agent_teleports += 1
+                    libsumo.vehicle.remove(vid)
+                    self._end_agent(st, "failed", "teleported (stuck or collision)", ended)
+            for vid in libsumo.simulation.getArrivedIDList():
+                st = states.get(vid)
+                if st is None:
+                    t0 = self._bg_depart.pop(vid, None)
+                    if t0 is not None:
+                        self._bg_travel.append(self.time - t0)
+                elif st.status not in ENDED:
+                    self._catch_up(st, len(st.plan) + len(st.tail) - 1)
+                    st.pos = len(st.plan) - 1
+                    self._end_agent(st, "arrived", "", ended)
+            checks = self._checks
+            later = checks.setdefault(step + 1, [])
+            for st in checks.pop(step, ()):
+                if st.status != "driving":
+                    continue
+                pos = get_route_index(st.vid)
+                if pos == st.pos:
+                    later.append(st)
+                    continue
+                if pos >= len(st.plan):
+                    self._catch_up(st, pos)
+                st.pos = pos
+                if self._needs_decision(st):
+                    st.status = "deciding"
+                    self._deciding[st.vid] = st
+                # it entered edge `pos` within the last second at <= the limit (speedDev 0): it cannot
+                # leave before length/limit - 1 s; check every second from then on
+                e = st.plan[pos]
+                skip = int(length[e] / speed[e]) - 1
+                if skip <= 1:
+                    later.append(st)
+                else:
+                    checks.setdefault(step + skip, []).append(st)
+        return self._emit(ended, charge)
+
+    def _activate_departures(self) -> None:
+        while self._pending_i < len(self._pending) and self._pending[self._pending_i].depart <= self.time:
+            st = self.agents_state[self._pending[self._pending_i].vid]
+            self._pending_i += 1
+            self._extend_forced(st)
+            if self._needs_decision(st):
+                st.status = "deciding"
+                self._deciding[st.trip.vid] = st
+            else:  # origin chain reaches the goal or the lookahead without a choice
+                st.status = "driving"
+            self._dirty[st.trip.vid] = st  # inserted into SUMO at the next flush
+
+    def _emit(self, ended: dict[str, float], charge: bool = True):
+        cfg = self.config
+        obs: dict[str, np.ndarray] = {}
+        rewards: dict[str, float] = {}
+        terms: dict[str, bool] = {}
+        truncs: dict[str, bool] = {}
+        infos: dict[str, dict[str, Any]] = {}
+        no_mask = np.zeros(cfg.a_max, dtype=bool)
+        for st in list(self._deciding.values()):
+            st.candidates = self._candidates(st)
+            if len(st.candidates) == 0:  # only on maps that are not strongly connected
+                if st.in_sumo:
+                    import libsumo
+
+                    libsumo.vehicle.remove(st.vid)
+                self._end_agent(st, "failed", f"dead end at edge {self.graph.edge_ids[st.plan[-1]]}", ended)
+        for aid, r in ended.items():
+            st = self.agents_state[aid]
+            obs[aid] = np.zeros(cfg.obs_dim, dtype=np.float32)
+            rewards[aid] = r
+            terms[aid] = st.status in ("arrived", "failed")
+            truncs[aid] = st.status == "truncated"
+            infos[aid] = {
+                "action_mask": no_mask.copy(),
+                "candidates": [],
+                "status": st.status,
+                "reason": st.reason,
+                "xy": self._position(st),
+            }
+        deciding = list(self._deciding.values())
+        if deciding:
+            for st in deciding:
+                st.cand_dist = self._dist_after(st, st.candidates)
+            feats, masks = self._observe_batch(deciding)
+            ids = self.graph.edge_ids
+            for i, st in enumerate(deciding):
+                aid = st.trip.vid
+                r = 0.0
+                if charge:
+                    r = -(self.time - st.t_last) / cfg.reward_time_scale_s
+                    st.ret += r
+                    st.t_last = self.time
+                obs[aid] = feats[i]
+                rewards[aid] = r
+                terms[aid] = False
+                truncs[aid] = False
+                infos[aid] = {
+                    "action_mask": masks[i],
+                    "candidates": [ids[c] for c in st.candidates],
+                    "edge": ids[st.plan[-1]],
+                    "xy": self._position(st),
+                    "status": "deciding",
+                }
+        return obs, rewards, terms, truncs, infos
+
+    def _position(self, st: AgentState) -> tuple[float, float]:
+        """The vehicle's (x, y); before insertion or after it ended, the start of its current edge."""
+        if st.inserted and st.status in ("driving", "deciding"):
+            import libsumo
+
+            x, y = libsumo.vehicle.getPosition(st.trip.vid)
+            return (float(x), float(y))
+        e = st.plan[min(st.pos, len(st.plan) - 1)]
+        return (float(self.graph.start_xy[e, 0]), float(self.graph.start_xy[e, 1]))
+
+    def _live_stats(self, e: int) -> tuple[float, float]:
+        """(occupancy, mean speed) of edge `e` in the last step; one libsumo query per edge per step."""
+        hit = self._edge_stats.get(e)
+        if hit is None:  # an empty edge reports its speed limit as mean speed
+            import libsumo
+
+            eid = self.graph.edge_ids[e]
+            hit = (libsumo.edge.getLastStepOccupancy(eid), libsumo.edge.getLastStepMeanSpeed(eid))
+            self._edge_stats[e] = hit
+        return hit
+
+    def _observe_batch(self, sts: list[AgentState]) -> tuple[np.ndarray, np.ndarray]:
+        """Observations and masks of the deciding agents. Plain Python over scalars: batches are a
+        few agents with <= a_max candidates each, where numpy's per-call cost would dominate."""
+        cfg = self.config
+        length_km, speed_n, speed, start_xy, end_xy, head = self._scalar_tables
+        scale, horizon, a_max = self.graph.scale, cfg.horizon_s, cfg.a_max
+        pad = [0.0] * len(CAND_FEATURES)
+        rows = []
+        masks = np.zeros((len(sts), a_max), dtype=bool)
+        for i, st in enumerate(sts):
+            cands = st.candidates.tolist()
+            dists = st.cand_dist.tolist()
+            k = len(cands)
+            masks[i, :k] = True
+            dest = st.trip.dest
+            gx, gy = end_xy[dest]
+            dist_goal = min(dists)
+            row = [
+                1.0 - dist_goal / max(st.start_cost, 1.0),
+                (self.time - st.trip.depart) / horizon,
+                dist_goal / scale,
+                k / a_max,
+            ]
+            for c, d in zip(cands, dists, strict=True):
+                occ, spd = self._live_stats(c)
+                sx, sy = start_xy[c]
+                tx, ty = gx - sx, gy - sy
+                norm = (tx * tx + ty * ty) ** 0.5
+                hx, hy = head[c]
+                row += (
+                    length_km[c],
+                    speed_n[c],
+                    occ,
+                    spd / max(speed[c], 0.1),
+                    d / scale,
+                    (d - dist_goal) / LENGTH_UNIT_M,
+                    (hx * tx + hy * ty) / norm if norm > 1e-6 else 1.0,
+                    1.0 if c == dest else 0.0,
+                )
+            row += pad * (a_max - k)
+            rows.append(row)
+        return np.asarray(rows, dtype=np.float32), masks
+
+    # ---- helpers for reference policies -------------------------------------------------------------
+    def shortest_choice(self, aid: str) -> int:
+        return int(np.argmin(self.agents_state[aid].cand_dist))
+
+    def fastest_choice(self, aid: str) -> int:
+        """Candidate with the least live travel time to the goal (edge times refreshed periodically)."""
+        import libsumo
+
+        st = self.agents_state[aid]
+        t_refresh, cache = self._fastest
+        if t_refresh < 0 or self.time - t_refresh >= self.config.fastest_refresh_s:
+            tt = np.array([libsumo.edge.getTraveltime(e) for e in self.graph.edge_ids], dtype=np.float64)
+            tt = np.where(np.isfinite(tt) & (tt > 0), tt, self.graph.length / np.maximum(self.graph.speed, 0.1))
+            self._fastest = (self.time, {-1: tt})
+            t_refresh, cache = self._fastest
+        dest = st.trip.dest
+        if dest not in cache:
+            cache[dest] = self.graph.cost_to(dest, cache[-1])
+        cands = st.candidates
+        return int(np.argmin(cache[dest][cands] + cache[-1][cands]))
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        sts = list(self.agents_state.values())
+        arrived = [s for s in sts if s.status == "arrived"]
+        travel = [s.end_time - s.trip.depart for s in arrived if s.end_time is not None]
+        n = max(len(sts), 1)
+        return {
+            "agents": len(sts),
+            "arrived": len(arrived),
+            "failed": sum(s.status == "failed" for s in sts),
+            "truncated": sum(s.status == "truncated" for s in sts),
+            "active": sum(s.status in ("pending", "deciding", "driving") for s in sts),
+            "arrival_rate": len(arrived) / n,
+            "mean_travel_time": float(np.mean(travel)) if travel else float("nan"),
+            "mean_return": float(np.mean([s.ret for s in sts])) if sts else float("nan"),
+            "agent_teleports": self.agent_teleports,
+            "decisions": self.decisions,
+            "invalid_actions": self.invalid_actions,
+            "late_decisions": self.late_decisions,
+            "sim_time": self.time,
+            "sim_steps": self.sim_steps,
+            "bg_vehicles": len(self.bg_trips),
+            "bg_arrived": len(self._bg_travel),
+            "bg_mean_travel_time": float(np.mean(self._bg_travel)) if self._bg_travel else float("nan"),
+            "bg_teleports": self.bg_teleports,
+        }
+
+    @property
+    def agents(self) -> list[str]:
+        """Agents whose episode has not ended."""
+        return [a for a, st in self.agents_state.items() if st.status not in ENDED]
+
+    @property
+    def deciding_agents(self) -> list[str]:
+        return list(self._deciding)
+
+    @property
+    def done(self) -> bool:
+        return self._n_live == 0

@@ -1,0 +1,91 @@
+"""The installation itself: the pieces the rest relies on are real and complete."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def test_fastdtw_uses_c_extension():
+    import fastdtw
+    import fastdtw._fastdtw as cext
+
+    assert fastdtw.fastdtw is cext.fastdtw, "fastdtw resolves to the pure-Python implementation"
+
+
+@pytest.mark.parametrize("tool", ["sumo", "netconvert", "netgenerate"])
+def test_sumo_binaries_present(tool):
+    from reled_hpc.sumo_tools import binary
+
+    out = subprocess.run([str(binary(tool)), "--version"], capture_output=True, text=True, check=True)
+    assert "Eclipse SUMO" in out.stdout
+
+
+def test_missing_sumo_binary_is_a_clear_error():
+    from reled_hpc.errors import SetupError
+    from reled_hpc.sumo_tools import binary
+
+    with pytest.raises(SetupError, match="no-such-tool"):
+        binary("no-such-tool")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["map", "--help"],
+        ["map", "build", "--help"],
+        ["map", "info", "--help"],
+        ["run-policy", "--help"],
+        ["demo", "--help"],
+    ],
+)
+def test_cli_help(cli, args):
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert "usage: reled-hpc" in res.stdout
+
+
+def test_bench_module_help():
+    res = subprocess.run([sys.executable, "-m", "reled_hpc.bench", "env", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--agents" in res.stdout
+
+
+def test_env_benchmark_prints_one_json_object():
+    """The benchmark runs and reports its fields (figures are read by people, not asserted)."""
+    import json
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reled_hpc.bench",
+            "env",
+            "--map",
+            "grid",
+            "--agents",
+            "10",
+            "--steps",
+            "60",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in (
+        "agents",
+        "sim_steps",
+        "decisions",
+        "decisions_per_s",
+        "sim_steps_per_s",
+        "raw_sumo_steps_per_s",
+        "overhead_ratio",
+        "peak_rss_mb",
+    ):
+        assert key in out
+    assert out["agents"] == 10 and out["sim_steps"] == 60 and out["raw_sim_steps"] == 60
