@@ -1,0 +1,1 @@
+"""Learners: models, losses and updates."""
