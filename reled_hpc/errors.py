@@ -19,3 +19,7 @@ class EnvError(ReledError):
 
 class SetupError(ReledError):
     """The installation is incomplete (missing SUMO binary, fastdtw without C extension)."""
+
+
+class DumpError(ReledError):
+    """An HDF5 trajectory dump is missing, malformed, of another schema, or misused (bad rows, duplicate iteration)."""

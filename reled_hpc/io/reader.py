@@ -1,0 +1,331 @@
+"""TrajectoryReader: lazy, committed-only access to a run's HDF5 dump (docs/hdf5_schema.md).
+
+Rows are stored in iteration order, so the rows of any iteration are one contiguous slice found
+by binary search on the `iteration` column; nothing is read beyond the slices asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+import yaml
+
+from ..errors import DumpError
+from . import schema as S
+
+# ---------------------------------------------------------------------------- file opening
+_FLAGS_MSG = "already open for write"
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _M32
+
+
+def _lookup3(data: bytes, initval: int = 0) -> int:
+    """Bob Jenkins' lookup3 hashlittle(), the checksum HDF5 puts on superblock v2/v3."""
+    m = _M32
+    n = len(data)
+    a = b = c = (0xDEADBEEF + n + initval) & m
+    i = 0
+    while n - i > 12:
+        a = (a + int.from_bytes(data[i : i + 4], "little")) & m
+        b = (b + int.from_bytes(data[i + 4 : i + 8], "little")) & m
+        c = (c + int.from_bytes(data[i + 8 : i + 12], "little")) & m
+        # mix(a, b, c)
+        for k in ((4, 6, 8), (16, 19, 4)):
+            a = ((a - c) & m) ^ _rot(c, k[0])
+            c = (c + b) & m
+            b = ((b - a) & m) ^ _rot(a, k[1])
+            a = (a + c) & m
+            c = ((c - b) & m) ^ _rot(b, k[2])
+            b = (b + a) & m
+        i += 12
+    if n == i:
+        return c
+    tail = data[i:] + bytes(12 - (n - i))
+    a = (a + int.from_bytes(tail[0:4], "little")) & m
+    b = (b + int.from_bytes(tail[4:8], "little")) & m
+    c = (c + int.from_bytes(tail[8:12], "little")) & m
+    # final(a, b, c)
+    c = ((c ^ b) - _rot(b, 14)) & m
+    a = ((a ^ c) - _rot(c, 11)) & m
+    b = ((b ^ a) - _rot(a, 25)) & m
+    c = ((c ^ b) - _rot(b, 16)) & m
+    a = ((a ^ c) - _rot(c, 4)) & m
+    b = ((b ^ a) - _rot(a, 14)) & m
+    c = ((c ^ b) - _rot(b, 24)) & m
+    return c
+
+
+def clear_status_flags(path: str | Path) -> None:
+    """Clear the 'open for (SWMR) write' flags a killed writer leaves in the superblock (as h5clear -s).
+
+    Also extends the file to the end-of-address the superblock records, as h5clear -i does, since a
+    killed SWMR writer may have recorded space it had not written yet. Refuses any superblock whose
+    checksum does not verify, so only an intact v2/v3 superblock at offset 0 is ever changed.
+    """
+    path = Path(path)
+    with open(path, "r+b") as fh:
+        head = fh.read(12)
+        if head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3):
+            raise DumpError(f"{path}: no version 2/3 HDF5 superblock at offset 0, cannot clear its write flags")
+        size_o = head[9]
+        body_len = 12 + 4 * size_o
+        fh.seek(0)
+        body = fh.read(body_len + 4)
+        (stored,) = struct.unpack("<I", body[body_len:])
+        if _lookup3(body[:body_len]) != stored:
+            raise DumpError(f"{path}: superblock checksum does not verify, refusing to clear its write flags")
+        patched = body[:11] + b"\x00" + body[12:body_len]
+        fh.seek(0)
+        fh.write(patched + struct.pack("<I", _lookup3(patched)))
+        eoa = int.from_bytes(body[12 + 2 * size_o : 12 + 3 * size_o], "little")
+        if os.fstat(fh.fileno()).st_size < eoa:
+            fh.truncate(eoa)
+
+
+def open_h5(path: str | Path, mode: str = "r", libver: Any = None) -> h5py.File:
+    """Open a dump, also one whose writer was killed (its superblock still says 'open for write').
+
+    Reading such a file uses SWMR read mode, which accepts those flags; writing (resume) clears them.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DumpError(f"{path}: no such file")
+    if not h5py.is_hdf5(path):
+        raise DumpError(f"{path}: not an HDF5 file")
+    try:
+        try:
+            return h5py.File(path, mode, libver=libver)
+        except OSError as exc:
+            if _FLAGS_MSG not in str(exc):
+                raise
+        if mode == "r":
+            return h5py.File(path, "r", swmr=True)
+        clear_status_flags(path)
+        return h5py.File(path, mode, libver=libver)
+    except OSError as exc:
+        raise DumpError(f"{path}: cannot open HDF5 file ({exc}); is it truncated or damaged?") from exc
+
+
+def committed_metric_rows(metrics: h5py.Group) -> int:
+    """Number of committed metrics rows: the leading rows whose `iteration` cell is finite.
+
+    The writer writes `metrics/iteration` (NaN fill) last, after flushing everything else.
+    """
+    n = min(ds.shape[0] for ds in metrics.values())
+    if n == 0:
+        return 0
+    it = metrics["iteration"][:n]  # one float per iteration: small
+    bad = np.flatnonzero(~np.isfinite(it))
+    return int(bad[0]) if bad.size else n
+
+
+def first_row_after(iteration: h5py.Dataset, value: int, n: int) -> int:
+    """Index of the first of the first `n` rows whose iteration > value (rows are sorted by iteration)."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(iteration[mid]) > value:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+# ---------------------------------------------------------------------------- reader
+class TrajectoryReader:
+    """Read a dump lazily; only iterations whose metrics row was committed are ever reported."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._f = open_h5(self.path, "r")
+        try:
+            self._validate()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _err(self, problem: str) -> DumpError:
+        return DumpError(f"{self.path}: {problem}")
+
+    def _validate(self) -> None:
+        f = self._f
+        try:
+            attrs = {k: f.attrs[k] for k in f.attrs}
+            for key in S.FILE_ATTRS:
+                if key not in attrs:
+                    raise self._err(f"file attribute {key!r} is missing; not a reled-hpc dump?")
+            version = int(attrs["schema_version"])
+            if version != S.SCHEMA_VERSION:
+                raise self._err(f"schema_version {version}, this reader reads {S.SCHEMA_VERSION}")
+            self.obs_dim = int(attrs["obs_dim"])
+            self.a_max = int(attrs["a_max"])
+            self.extra_metrics = tuple(str(m) for m in attrs["extra_metrics"])
+            for g in S.ALL_GROUPS:
+                if g not in f or not isinstance(f[g], h5py.Group):
+                    raise self._err(f"group {g + '/'!r} is missing")
+            want = {
+                **{g: [c.name for c in S.ROW_COLUMNS] for g in S.ROW_GROUPS},
+                S.METRICS_GROUP: list(S.metric_columns(self.extra_metrics)),
+                S.PROGRAMS_GROUP: [c.name for c in S.PROGRAM_COLUMNS],
+            }
+            for g, names in want.items():
+                missing = [n for n in names if n not in f[g]]
+                if missing:
+                    raise self._err(f"group {g + '/'!r} lacks datasets {missing}")
+            self._n_metrics = committed_metric_rows(f[S.METRICS_GROUP])
+            its = f[S.METRICS_GROUP]["iteration"][: self._n_metrics]
+            self._iterations = its.astype(np.int64)
+            last = int(self._iterations[-1]) if self._n_metrics else -1
+            self._n: dict[str, int] = {}
+            self.uncommitted_rows: dict[str, int] = {}
+            for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
+                n_min = min(ds.shape[0] for ds in f[g].values())
+                n_max = max(ds.shape[0] for ds in f[g].values())
+                self._n[g] = first_row_after(f[g]["iteration"], last, n_min)
+                self.uncommitted_rows[g] = n_max - self._n[g]
+            self.uncommitted_rows[S.METRICS_GROUP] = f[S.METRICS_GROUP]["iteration"].shape[0] - self._n_metrics
+        except DumpError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
+            raise self._err(f"unreadable ({type(exc).__name__}: {exc}); is it truncated or damaged?") from exc
+        if any(self.uncommitted_rows.values()):
+            left = {g: n for g, n in self.uncommitted_rows.items() if n}
+            warnings.warn(
+                f"{self.path}: ignoring rows of an unfinished iteration (no metrics row): {left}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """File attributes, strings decoded, arrays as lists."""
+        out: dict[str, Any] = {}
+        for k, v in self._f.attrs.items():
+            if isinstance(v, bytes):
+                v = v.decode()
+            elif isinstance(v, np.ndarray):
+                v = [x.decode() if isinstance(x, bytes) else x for x in v.tolist()]
+            elif isinstance(v, np.generic):
+                v = v.item()
+            out[k] = v
+        return out
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run's resolved configuration (the `config` attribute parsed as YAML)."""
+        try:
+            cfg = yaml.safe_load(self.attrs["config"])
+        except yaml.YAMLError as exc:
+            raise self._err(f"config attribute is not valid YAML: {exc}") from exc
+        return cfg if cfg is not None else {}
+
+    def iterations(self) -> np.ndarray:
+        """The committed iteration numbers, ascending."""
+        return self._iterations.copy()
+
+    @property
+    def last_iteration(self) -> int:
+        return int(self._iterations[-1]) if self._iterations.size else -1
+
+    def n_rows(self, group: str) -> int:
+        """Committed rows of `agent`, `expert`, `programs` or `metrics`."""
+        if group == S.METRICS_GROUP:
+            return self._n_metrics
+        self._check_group(group, (*S.ROW_GROUPS, S.PROGRAMS_GROUP))
+        return self._n[group]
+
+    def _check_group(self, group: str, allowed: Sequence[str]) -> None:
+        if group not in allowed:
+            raise self._err(f"group must be one of {tuple(allowed)}, got {group!r}")
+
+    # ------------------------------------------------------------------ data
+    def metrics(self) -> dict[str, np.ndarray]:
+        """metrics/ columns (float64), committed iterations only."""
+        g = self._f[S.METRICS_GROUP]
+        return {name: g[name][: self._n_metrics] for name in S.metric_columns(self.extra_metrics)}
+
+    def row_ranges(self, group: str, iterations: Iterable[int] | None = None) -> list[tuple[int, int]]:
+        """[start, stop) row slices of `group` holding the committed `iterations` (None: all)."""
+        n = self.n_rows(group)
+        if iterations is None:
+            return [(0, n)] if n else []
+        want = sorted({int(i) for i in iterations} & {int(i) for i in self._iterations})
+        it = self._f[group]["iteration"]
+        ranges: list[tuple[int, int]] = []
+        for i in want:
+            start, stop = first_row_after(it, i - 1, n), first_row_after(it, i, n)
+            if stop <= start:
+                continue
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], stop)
+            else:
+                ranges.append((start, stop))
+        return ranges
+
+    def iter_chunks(
+        self,
+        group: str,
+        columns: Sequence[str] | None = None,
+        chunk_rows: int = 65536,
+        iterations: Iterable[int] | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Yield {column: array} of at most `chunk_rows` committed rows at a time, in file order."""
+        self._check_group(group, (*S.ROW_GROUPS, S.PROGRAMS_GROUP))
+        names = [c.name for c in (S.PROGRAM_COLUMNS if group == S.PROGRAMS_GROUP else S.ROW_COLUMNS)]
+        cols = list(names if columns is None else columns)
+        unknown = [c for c in cols if c not in names]
+        if unknown:
+            raise self._err(f"{group}/ has no columns {unknown}")
+        if chunk_rows < 1:
+            raise self._err(f"chunk_rows must be >= 1, got {chunk_rows}")
+        g = self._f[group]
+        for start, stop in self.row_ranges(group, iterations):
+            for lo in range(start, stop, chunk_rows):
+                hi = min(lo + chunk_rows, stop)
+                yield {c: self._read(g[c], lo, hi) for c in cols}
+
+    @staticmethod
+    def _read(ds: h5py.Dataset, lo: int, hi: int) -> np.ndarray:
+        if h5py.check_string_dtype(ds.dtype) is not None:
+            return np.array(ds.asstr()[lo:hi], dtype=object)
+        return ds[lo:hi]
+
+    def read(
+        self, group: str, columns: Sequence[str] | None = None, iterations: Iterable[int] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Whole columns in memory (concatenated iter_chunks); mind the size of `obs` on big runs."""
+        parts = list(self.iter_chunks(group, columns, chunk_rows=1 << 20, iterations=iterations))
+        if not parts:
+            names = [c.name for c in (S.PROGRAM_COLUMNS if group == S.PROGRAMS_GROUP else S.ROW_COLUMNS)]
+            parts = [{c: self._read(self._f[group][c], 0, 0) for c in (columns or names)}]
+        return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+    def programs(self, iterations: Iterable[int] | None = None) -> dict[str, np.ndarray]:
+        """programs/ columns of the committed iterations (text and error as str objects)."""
+        return self.read(S.PROGRAMS_GROUP, iterations=iterations)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> TrajectoryReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
