@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
 from .errors import ReledError
 
@@ -144,7 +146,40 @@ def cmd_run_policy(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ReledError(f"--set expects KEY=VALUE (dotted keys, e.g. env.n_agents=20), got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    overrides = _parse_overrides(args.set)
+    if args.name:
+        overrides["name"] = args.name
+    if args.resume:
+        run_dir, last = train(None, resume=Path(args.resume), overrides=overrides)  # type: ignore[arg-type]
+    elif args.config:
+        run_dir, last = train(args.config, overrides=overrides)
+    else:
+        raise ReledError("train needs a CONFIG.yaml or --resume RUN_DIR")
+    print(f"run folder: {run_dir}")
+    if last:
+        print(
+            f"last iteration {int(last['iteration'])}: mean travel time {last['mean_travel_time']:.1f} s, "
+            f"arrival rate {last['arrival_rate']:.1%}, mean return {last['mean_return']:.2f}"
+        )
+    return 0
+
+
+def cmd_demo_policies(args: argparse.Namespace) -> int:
     print(
         f"reled-hpc {__version__} demo: reference policies on the shipped map of central Helsinki "
         f"(© OpenStreetMap contributors), {args.agents} agents, {args.traffic} traffic"
@@ -195,13 +230,67 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     r.set_defaults(func=cmd_run_policy)
 
+    t = sub.add_parser(
+        "train",
+        help="train from a YAML config (ippo, mappo, qmix, reled)",
+        description="Train from CONFIG.yaml into runs/<name>/ (HDF5 dump, checkpoints, TensorBoard, "
+        "log). SIGTERM/SIGINT checkpoint and exit; --resume continues the run.",
+    )
+    t.add_argument("config", nargs="?", help="experiment config (see configs/)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its config.yaml)")
+    t.add_argument("--name", help="run name (folder under runs_dir)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, dotted (repeatable): --set env.n_agents=50 --set iterations=10",
+    )
+    t.set_defaults(func=cmd_train)
+
     d = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
-    d.add_argument("--agents", type=int, default=100)
+    d.add_argument("--config", default="configs/quickstart.yaml", help="training config of the demo")
+    d.add_argument("--policies-only", action="store_true", help="only run the reference policies")
+    d.add_argument("--agents", type=int, default=100, help="agents for --policies-only")
     d.add_argument("--traffic", default="light", choices=["none", "light", "medium", "heavy"])
     d.add_argument("--horizon", type=float, default=1200.0)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train RELED (oracle expert) on the shipped Helsinki map and print the travel-time trend
+    against the shortest-path and random references on the same scenarios."""
+    if args.policies_only:
+        return cmd_demo_policies(args)
+    from .train import load_config, reference_travel_time, train
+
+    cfg = load_config(args.config)
+    cfg.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(
+        f"reled-hpc {__version__} demo: training {cfg.algorithm} ({cfg.hpo.expert} expert) on {cfg.env.map} "
+        f"(© OpenStreetMap contributors), {cfg.env.n_agents} agents, {cfg.env.traffic} traffic, "
+        f"{cfg.iterations} iterations -> {cfg.runs_dir}/{cfg.name}"
+    )
+    refs = {p: reference_travel_time(cfg, p) for p in ("shortest_path", "random")}
+    run_dir, _ = train(cfg)
+    from .io import TrajectoryReader
+
+    m = TrajectoryReader(run_dir / "trajectories.h5").metrics()
+    tt, ar = m["mean_travel_time"], m["arrival_rate"]
+    k = max(1, len(tt) // 5)
+    print("\ntravel-time trend (mean of each fifth of the run):")
+    for i in range(0, len(tt), k):
+        sl = slice(i, i + k)
+        print(
+            f"  iterations {int(m['iteration'][sl][0]):3d}-{int(m['iteration'][sl][-1]):3d}: "
+            f"{np.nanmean(tt[sl]):7.1f} s, arrival {np.nanmean(ar[sl]):.1%}"
+        )
+    for p, r in refs.items():
+        print(f"  reference {p:14s}: {r['mean_travel_time']:7.1f} s, arrival {r['arrival_rate']:.1%}")
+    print(f"run folder: {run_dir}  (HDF5 dump, checkpoints, TensorBoard: tensorboard --logdir {run_dir}/tb)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from .config import require
-from .demand import TRAFFIC_RATES, Trip, agent_trips, background_trips, check_feasible, write_routes
+from .demand import TRAFFIC_RATES, Trip, agent_trips, background_trips, capacity, check_feasible, write_routes
 from .errors import EnvError
 from .maps import MapBundle, resolve_map
 from .sumo_tools import sumo_home
@@ -251,6 +251,7 @@ class NavigationEnv:
         self._dirty: dict[str, AgentState] = {}
         self._checks: dict[int, list[AgentState]] = {}  # step -> agents whose edge may have changed
         self._n_live = len(trips)
+        self._n_arrived = 0
         self._bg_depart: dict[str, float] = {}
         self._bg_travel: list[float] = []
         self.bg_teleports = 0
@@ -382,6 +383,7 @@ class NavigationEnv:
         st.ret += r
         st.t_last = self.time
         self._n_live -= 1
+        self._n_arrived += status == "arrived"
         out[st.trip.vid] = r
 
     def _advance(self, charge: bool = True):
@@ -588,6 +590,41 @@ class NavigationEnv:
             rows.append(row)
         return np.asarray(rows, dtype=np.float32), masks
 
+    GLOBAL_FEATURES = (
+        "time",
+        "pending",
+        "on_road",
+        "arrived",
+        "ended_otherwise",
+        "vehicles_per_capacity",
+        "deciding",
+        "background",
+    )
+
+    def global_state(self) -> np.ndarray:
+        """Pooled global state (fixed size for any n, O(1) to compute): shares of agents in each
+        state, network load, time. MAPPO's critic and QMIX's mixer read it."""
+        import libsumo
+
+        n = max(len(self.agents_state), 1)
+        pending = len(self._pending) - self._pending_i
+        vehicles = libsumo.vehicle.getIDCount()
+        on_road = self._n_live - pending
+        cap = max(capacity(self.graph), 1)
+        return np.array(
+            [
+                self.time / self.config.horizon_s,
+                pending / n,
+                on_road / n,
+                self._n_arrived / n,
+                (n - self._n_live - self._n_arrived) / n,
+                vehicles / cap,
+                len(self._deciding) / n,
+                max(vehicles - on_road, 0) / cap,
+            ],
+            dtype=np.float32,
+        )
+
     # ---- helpers for reference policies -------------------------------------------------------------
     def shortest_choice(self, aid: str) -> int:
         return int(np.argmin(self.agents_state[aid].cand_dist))
@@ -623,6 +660,13 @@ class NavigationEnv:
             "active": sum(s.status in ("pending", "deciding", "driving") for s in sts),
             "arrival_rate": len(arrived) / n,
             "mean_travel_time": float(np.mean(travel)) if travel else float("nan"),
+            # every agent counted, unfinished ones until the episode's end: comparable across policies
+            # whose arrival rates differ (mean_travel_time alone favours policies that finish only short trips)
+            "mean_time_censored": float(
+                np.mean([(s.end_time if s.end_time is not None else self.time) - s.trip.depart for s in sts])
+            )
+            if sts
+            else float("nan"),
             "mean_return": float(np.mean([s.ret for s in sts])) if sts else float("nan"),
             "agent_teleports": self.agent_teleports,
             "decisions": self.decisions,

@@ -1,0 +1,1 @@
+"""Expert demonstrations for HPO: the ExpertSource interface, oracle experts, (later) SED."""

@@ -1,0 +1,199 @@
+"""`reled-hpc train` end to end on real SUMO: learning, HDF5 dump, checkpoints, signals, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from reled_hpc.errors import ConfigError, ReledError
+from reled_hpc.io import TrajectoryReader
+from reled_hpc.train import TrainConfig, load_config, scenario_seed, train
+
+VENV_BIN = Path(sys.executable).parent
+
+GRID_ENV = {"map": "grid", "n_agents": 10, "traffic": "light", "horizon_s": 600.0, "depart_window_s": 20.0,
+            "min_trip_m": 400.0}  # fmt: skip
+
+
+def _cfg_dict(tmp_path: Path, algorithm: str, iterations: int, **kw) -> dict:
+    d = {
+        "name": f"{algorithm}-test",
+        "algorithm": algorithm,
+        "seed": 0,
+        "iterations": iterations,
+        "episodes_per_iteration": 2,
+        "checkpoint_every": 1,
+        "runs_dir": str(tmp_path / "runs"),
+        "tensorboard": False,
+        "env": dict(GRID_ENV),
+        "ppo": {"lr": 0.001, "epochs": 4, "minibatch": 128},
+    }
+    d.update(kw)
+    return d
+
+
+def _write_cfg(tmp_path: Path, d: dict) -> Path:
+    path = tmp_path / f"{d['name']}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _random_reference(cfg: TrainConfig, episodes: int = 4) -> dict[str, float]:
+    from reled_hpc.env import NavigationEnv
+    from reled_hpc.policies import make_policy, run_episode
+
+    with NavigationEnv(cfg.env) as env:
+        ms = [run_episode(env, make_policy("random", k), seed=scenario_seed(cfg, cfg.iterations - 2, k % 2))
+              for k in range(episodes)]  # fmt: skip
+    return {k: float(np.mean([m[k] for m in ms])) for k in ("mean_time_censored", "arrival_rate", "mean_return")}
+
+
+@pytest.mark.parametrize("algorithm", ["ippo", "mappo", "qmix", "reled"])
+def test_algorithm_beats_random_on_grid(tmp_path, grid, algorithm):
+    extra = {}
+    if algorithm == "qmix":  # off-policy: a short epsilon schedule and enough gradient steps per iteration
+        extra["qmix"] = {"lr": 0.001, "eps_decay_iterations": 8, "updates_per_iteration": 100, "target_update": 100}
+    cfg_path = _write_cfg(tmp_path, _cfg_dict(tmp_path, algorithm, iterations=15, **extra))
+    run_dir, _last = train(cfg_path)
+    with TrajectoryReader(run_dir / "trajectories.h5") as r:
+        m = r.metrics()
+        assert list(m["iteration"].astype(int)) == list(range(15))
+        final = {k: float(np.mean(m[k][-3:])) for k in ("mean_time_censored", "arrival_rate", "mean_return")}
+        if algorithm == "reled":
+            assert np.all((m["alpha_mean"] > 0) & (m["alpha_mean"] <= 1))
+            assert np.all(np.isfinite(m["dtw_mean"]))
+            assert r.n_rows("expert") > 0
+        else:
+            assert r.n_rows("expert") == 0 and np.all(np.isnan(m["alpha_mean"]))
+        if algorithm == "qmix":
+            assert np.all(np.isfinite(m["td_loss"])) and m["epsilon"][-1] < m["epsilon"][0]
+    rnd = _random_reference(load_config(cfg_path))
+    # a clear margin: at least 25% less time per agent (unfinished agents counted to the episode end)
+    assert final["mean_time_censored"] < 0.75 * rnd["mean_time_censored"], (final, rnd)
+    assert final["arrival_rate"] >= rnd["arrival_rate"] + 0.2, (final, rnd)
+    assert final["mean_return"] > rnd["mean_return"], (final, rnd)
+
+
+def test_dump_contract_and_run_folder(tmp_path, grid):
+    cfg_path = _write_cfg(tmp_path, _cfg_dict(tmp_path, "reled", iterations=3, checkpoint_every=2))
+    run_dir, _ = train(cfg_path)
+    assert (run_dir / "config.yaml").exists() and (run_dir / "train.log").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt_*.pt")) == ["ckpt_000001.pt", "ckpt_000002.pt"]
+    with TrajectoryReader(run_dir / "trajectories.h5") as r:
+        assert r.config["algorithm"] == "reled" and r.config["env"]["n_agents"] == 10
+        assert r.attrs["schema_version"] >= 1
+        m = r.metrics()
+        rows = r.read("agent", columns=["iteration", "episode", "agent_id", "obs", "action_mask", "action"])
+        assert len(rows["iteration"]) == int(m["decisions"].sum())
+        assert set(np.unique(rows["iteration"])) == {0, 1, 2}
+        assert set(np.unique(rows["episode"])) == set(range(6))  # 2 episodes per iteration, numbered globally
+        assert rows["obs"].shape[1] == r.obs_dim
+        assert np.all(rows["action_mask"][np.arange(len(rows["action"])), rows["action"]])  # chosen actions are valid
+        assert np.all(m["env_steps"][1:] > m["env_steps"][:-1])
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    d = _cfg_dict(tmp_path, "ippo", iterations=2)
+    d["env"]["n_agnets"] = 5
+    path = _write_cfg(tmp_path, d)
+    with pytest.raises(ConfigError, match=r"ippo-test\.yaml\.env: unknown key 'n_agnets'"):
+        train(path)
+    d = _cfg_dict(tmp_path, "ippo", iterations=2, ppo={"clip": 2.0})
+    with pytest.raises(ConfigError, match=r"ppo\.clip"):
+        train(_write_cfg(tmp_path, d))
+    d = _cfg_dict(tmp_path, "sarsa", iterations=2)
+    with pytest.raises(ConfigError, match=r"algorithm: 'sarsa' is not one of"):
+        train(_write_cfg(tmp_path, d))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, grid):
+    path = _write_cfg(tmp_path, _cfg_dict(tmp_path, "ippo", iterations=1))
+    train(path)
+    with pytest.raises(ReledError, match="already holds a run: use --resume"):
+        train(path)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, grid):
+    """2 iterations + resume to 4 == 4 iterations straight (same scenarios, weights and RNG states)."""
+    straight, _ = train(_write_cfg(tmp_path, _cfg_dict(tmp_path, "ippo", iterations=4, name="straight")))
+    split, _ = train(_write_cfg(tmp_path, _cfg_dict(tmp_path, "ippo", iterations=2, name="split")))
+    train(None, resume=split, overrides={"iterations": 4})  # type: ignore[arg-type]
+    with TrajectoryReader(straight / "trajectories.h5") as a, TrajectoryReader(split / "trajectories.h5") as b:
+        ma, mb = a.metrics(), b.metrics()
+        assert list(mb["iteration"].astype(int)) == [0, 1, 2, 3]
+        for k in ("mean_return", "mean_travel_time", "arrival_rate", "decisions", "env_steps"):
+            assert np.allclose(ma[k], mb[k], equal_nan=True), k
+        ra, rb = a.read("agent", columns=["action", "iteration"]), b.read("agent", columns=["action", "iteration"])
+        assert np.array_equal(ra["action"], rb["action"]) and np.array_equal(ra["iteration"], rb["iteration"])
+
+
+def _start_train(cfg_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(VENV_BIN / "reled-hpc"), "train", str(cfg_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy())  # fmt: skip
+
+
+def _wait_committed(h5: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early:\n{proc.stdout.read() if proc.stdout else ''}")
+        if h5.exists():
+            try:
+                with TrajectoryReader(h5) as r:
+                    if len(r.iterations()) >= n:
+                        return
+            except ReledError:
+                pass  # the file is being created: not yet a valid dump
+        time.sleep(0.2)
+    raise AssertionError(f"{h5} did not reach {n} iterations in {timeout} s")
+
+
+def test_sigterm_checkpoints_and_resume_continues(tmp_path, grid):
+    d = _cfg_dict(tmp_path, "ippo", iterations=40, checkpoint_every=100, name="term")
+    path = _write_cfg(tmp_path, d)
+    run_dir = tmp_path / "runs" / "term"
+    proc = _start_train(path)
+    _wait_committed(run_dir / "trajectories.h5", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM received" in out and "--resume" in out
+    ckpts = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
+    assert ckpts, "SIGTERM must leave a checkpoint"
+    stopped_at = int(ckpts[-1].stem.split("_")[1])
+    with TrajectoryReader(run_dir / "trajectories.h5") as r:
+        assert list(r.iterations()) == list(range(stopped_at + 1))
+    train(None, resume=run_dir, overrides={"iterations": stopped_at + 3})  # type: ignore[arg-type]
+    with TrajectoryReader(run_dir / "trajectories.h5") as r:
+        its = r.metrics()["iteration"].astype(int)
+        assert list(its) == list(range(stopped_at + 3))  # contiguous, no duplicates
+        rows = r.read("agent", columns=["iteration"])["iteration"]
+        assert set(np.unique(rows)) == set(range(stopped_at + 3))
+
+
+def test_sigkill_leaves_readable_dump_and_resume_recovers(tmp_path, grid):
+    d = _cfg_dict(tmp_path, "ippo", iterations=40, checkpoint_every=2, name="kill")
+    path = _write_cfg(tmp_path, d)
+    run_dir = tmp_path / "runs" / "kill"
+    proc = _start_train(path)
+    _wait_committed(run_dir / "trajectories.h5", 3, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    with TrajectoryReader(run_dir / "trajectories.h5") as r:
+        committed = list(r.iterations())
+        assert committed == list(range(len(committed))) and len(committed) >= 3
+        rows = r.read("agent", columns=["iteration"])["iteration"]
+        assert set(np.unique(rows)) == set(committed)
+    ckpt = int(sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1].stem.split("_")[1])
+    train(None, resume=run_dir, overrides={"iterations": ckpt + 3})  # type: ignore[arg-type]
+    with TrajectoryReader(run_dir / "trajectories.h5") as r:
+        assert list(r.metrics()["iteration"].astype(int)) == list(range(ckpt + 3))
