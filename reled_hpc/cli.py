@@ -158,9 +158,33 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _launch_ranks(args: argparse.Namespace) -> int:
+    """`train --ranks R` outside MPI: run this same command under mpiexec with R ranks."""
+    import os
+    import shutil
+    import subprocess
+
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        found = shutil.which("mpiexec")
+        if not found:
+            raise ReledError("--ranks needs mpiexec (pip install mpich, or load your cluster's MPI module)")
+        mpiexec = Path(found)
+    argv = [a for a in sys.argv[1:] if a != "--ranks" and not a.startswith("--ranks=")]
+    if "--ranks" in sys.argv[1:]:  # drop its value too
+        i = sys.argv[1:].index("--ranks")
+        argv = sys.argv[1 : i + 1] + sys.argv[i + 3 :]
+    cmd = [str(mpiexec), "-n", str(args.ranks), sys.executable, "-m", "reled_hpc.cli", *argv]
+    log.info("launching %d ranks: %s", args.ranks, " ".join(cmd))
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .dist.comm import launched_with_mpi
     from .train import train
 
+    if args.ranks > 1 and not launched_with_mpi():
+        return _launch_ranks(args)
     overrides = _parse_overrides(args.set)
     if args.name:
         overrides["name"] = args.name
@@ -170,6 +194,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir, last = train(args.config, overrides=overrides)
     else:
         raise ReledError("train needs a CONFIG.yaml or --resume RUN_DIR")
+    if last is None:  # not the learner rank: rank 0 reports
+        return 0
     print(f"run folder: {run_dir}")
     if last:
         print(
@@ -246,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, dotted (repeatable): --set env.n_agents=50 --set iterations=10",
     )
+    t.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="local MPI ranks: relaunch under mpiexec -n R (under mpiexec/srun the ranks are given)",
+    )
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
@@ -287,8 +319,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  iterations {int(m['iteration'][sl][0]):3d}-{int(m['iteration'][sl][-1]):3d}: "
             f"{np.nanmean(tt[sl]):7.1f} s, arrival {np.nanmean(ar[sl]):.1%}"
         )
+    print("references on the scenarios of the last 5 iterations:")
     for p, r in refs.items():
-        print(f"  reference {p:14s}: {r['mean_travel_time']:7.1f} s, arrival {r['arrival_rate']:.1%}")
+        print(f"  {p:14s}: {r['mean_travel_time']:7.1f} s, arrival {r['arrival_rate']:.1%}")
+    last5 = slice(max(len(tt) - 5, 0), len(tt))
+    print(
+        f"  {cfg.algorithm} (last 5 iterations, sampling policy): {np.nanmean(tt[last5]):7.1f} s, "
+        f"arrival {np.nanmean(ar[last5]):.1%}"
+    )
     print(f"run folder: {run_dir}  (HDF5 dump, checkpoints, TensorBoard: tensorboard --logdir {run_dir}/tb)")
     return 0
 

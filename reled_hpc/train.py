@@ -10,8 +10,10 @@ continues with no lost or duplicated iterations.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -26,7 +28,7 @@ import yaml
 from . import __version__
 from .config import from_dict, load_yaml, require, to_dict
 from .env import EnvConfig, NavigationEnv
-from .errors import ReledError
+from .errors import ConfigError, ReledError
 from .learn.ppo import PPOConfig, PPOLearner
 from .learn.qmix import QMIXConfig, QMIXLearner
 from .learn.rollout import Batch, collect_episode, concat
@@ -37,7 +39,7 @@ ALGORITHMS = ("ippo", "mappo", "qmix", "reled")
 EXTRA_METRICS = (
     "policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "decisions", "bg_mean_travel_time",
     "expert_travel_time", "expert_arrival_rate", "failed_rate", "update_s", "rollout_s", "expert_s",
-    "mean_time_censored", "td_loss", "epsilon",
+    "mean_time_censored", "td_loss", "epsilon", "dtw_s", "comm_s", "comm_bytes", "write_s", "ranks", "rss_mb_max",
 )  # fmt: skip
 
 
@@ -56,6 +58,14 @@ class HPOConfig:
 
 
 @dataclass
+class DistConfig:
+    total_agents: int = 0  # > 0: split this many agents over the ranks (env.n_agents is then ignored)
+
+    def validate(self, where: str = "dist") -> None:
+        require(self.total_agents >= 0, f"{where}.total_agents", "must be >= 0")
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     algorithm: Literal["ippo", "mappo", "qmix", "reled"] = "reled"
@@ -66,10 +76,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     runs_dir: str = "runs"
     tensorboard: bool = True
+    torch_threads: int = 1  # the networks are small: more threads only contend with SUMO and other ranks
     env: EnvConfig = field(default_factory=EnvConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     hpo: HPOConfig = field(default_factory=HPOConfig)
     qmix: QMIXConfig = field(default_factory=QMIXConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self, where: str = "config") -> None:
         require(bool(self.name) and "/" not in self.name, f"{where}.name", "must be a non-empty folder name")
@@ -77,6 +89,7 @@ class TrainConfig:
         require(self.episodes_per_iteration >= 1, f"{where}.episodes_per_iteration", "must be >= 1")
         require(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
         require(self.keep_checkpoints >= 1, f"{where}.keep_checkpoints", "must be >= 1")
+        require(self.torch_threads >= 1, f"{where}.torch_threads", "must be >= 1")
 
 
 def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -94,16 +107,21 @@ def config_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def scenario_seed(cfg: TrainConfig, iteration: int, k: int) -> int:
-    """The traffic scenario of episode k of an iteration: a pure function of the config, so a
-    resumed run replays exactly the scenarios it would have seen."""
-    return cfg.seed * 1_000_003 + (iteration // cfg.hpo.scenario_period) * cfg.episodes_per_iteration + k
+def _seed(*parts: object) -> int:
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def scenario_seed(cfg: TrainConfig, iteration: int, k: int, rank: int = 0) -> int:
+    """The traffic scenario of a rank's episode k: a pure function of the config, so a resumed run
+    replays exactly the scenarios it would have seen, whatever the number of ranks."""
+    return _seed("scenario", cfg.seed, iteration // cfg.hpo.scenario_period, rank, k)
 
 
 class _StopFlag:
     """SIGTERM/SIGINT ask the loop to stop after the current iteration (a second SIGINT aborts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce
         self.requested: str | None = None
         self._old: dict[int, Any] = {}
 
@@ -116,24 +134,55 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        log.warning("%s received: finishing this iteration, then checkpoint and exit", self.requested)
+        if self.announce:
+            log.warning("%s received: finishing this iteration, then checkpoint and exit", self.requested)
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
+def split_agents(total: int, size: int) -> list[int]:
+    """Agents per rank: as even as possible, the first ranks take the remainder."""
+    return [total // size + (r < total % size) for r in range(size)]
+
+
+def actor_seed(cfg: TrainConfig, iteration: int, rank: int) -> int:
+    """Seed of a rank's action sampling: with scenario_seed, every rollout is a pure function of
+    (weights, config, iteration, rank), however many ranks run."""
+    return _seed("actor", cfg.seed, iteration, rank)
+
+
+METRIC_KEYS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_travel_time", "mean_time_censored",
+               "failed_rate", "expert_travel_time", "expert_arrival_rate", "env_steps", "decisions", "rollout_s",
+               "expert_s", "dtw_s", "rss_mb")  # fmt: skip
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> None:
-        from .io import TrajectoryWriter
+    """The training loop of one rank. Rank 0 is the learner (it also rolls out); it alone writes
+    the HDF5 dump, checkpoints and TensorBoard. With one rank no MPI is involved."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False, comm: Any = None) -> None:
+        from .dist.comm import SerialComm
 
         self.cfg = cfg
+        torch.set_num_threads(cfg.torch_threads)
+        self.comm = comm or SerialComm()
+        self.rank, self.size = self.comm.rank, self.comm.size
+        self.root = self.rank == 0
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml(cfg))
-        self.env = NavigationEnv(cfg.env)
-        self.n_agents = cfg.env.n_agents
+        counts = (
+            split_agents(cfg.dist.total_agents, self.size) if cfg.dist.total_agents else [cfg.env.n_agents] * self.size
+        )
+        if min(counts) < 1:
+            raise ConfigError(
+                f"dist.total_agents={cfg.dist.total_agents} leaves a rank with no agents ({self.size} ranks)"
+            )
+        self.n_agents = counts[self.rank]
+        self.n_agents_total = sum(counts)
+        self.agent_offset = sum(counts[: self.rank])
+        self.env = NavigationEnv(dataclasses.replace(cfg.env, n_agents=self.n_agents))
         g_dim = len(NavigationEnv.GLOBAL_FEATURES)
         self.learner: PPOLearner | QMIXLearner
         if cfg.algorithm == "qmix":
@@ -148,6 +197,18 @@ class Trainer:
         self.start_iteration = 0
         self.env_steps = 0
         self.wall_s = 0.0
+        self.writer = None
+        self.tb = None
+        if self.root:
+            self._init_root(resume)
+        self.start_iteration = int(self.comm.bcast_obj(self.start_iteration))
+
+    def _init_root(self, resume: bool) -> None:
+        from .io import TrajectoryWriter
+
+        cfg, run_dir = self.cfg, self.run_dir
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml(cfg))
         ckpt = self.latest_checkpoint() if resume else None
         if resume and ckpt is None:
             log.info("no checkpoint in %s: starting from iteration 0", self.ckpt_dir)
@@ -169,7 +230,6 @@ class Trainer:
             # iterations the dump holds beyond the checkpoint are redone: drop them first
             keep_through=self.start_iteration - 1,
         )
-        self.tb = None
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -204,96 +264,167 @@ class Trainer:
     # ---- one iteration ---------------------------------------------------------------------------
     def _rows(self, batch: Batch, iteration: int) -> dict[str, np.ndarray]:
         n = len(batch["action"])
-        return {
-            "iteration": np.full(n, iteration, np.int32),
-            "rank": np.zeros(n, np.int16),
-            "episode": batch["episode"],
-            "agent_id": batch["agent_id"],
-            "t": batch["t"],
-            "obs": batch["obs"],
-            "action": batch["action"],
-            "action_mask": batch["action_mask"],
-            "reward": batch["reward"],
-            "done": batch["done"],
-            "logp": batch["logp"],
-            "value": batch["value"],
-            "x": batch["x"],
-            "y": batch["y"],
-        }
+        keep = ("rank", "episode", "agent_id", "t", "obs", "action", "action_mask", "reward", "done", "logp", "value",
+                "x", "y")  # fmt: skip
+        return {"iteration": np.full(n, iteration, np.int32), **{k: batch[k] for k in keep}}
 
-    def iteration(self, it: int) -> dict[str, float]:
+    def _local_rollout(self, it: int) -> tuple[Batch, Batch | None, np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's episodes, expert episodes, per-agent alpha/dtw and metrics vector."""
         from .learn.hpo import agent_alphas
 
-        cfg = self.cfg
+        cfg, E = self.cfg, self.cfg.episodes_per_iteration
+        fault = os.environ.get("RELED_HPC_FAULT")  # test hook: "RANK:ITERATION" raises there
+        if fault and fault == f"{self.rank}:{it}":
+            raise RuntimeError(f"injected fault on rank {self.rank} at iteration {it} (RELED_HPC_FAULT)")
         t0 = time.perf_counter()
         if isinstance(self.learner, QMIXLearner):
             self.learner.set_iteration(it)  # epsilon schedule
+        self.learner.reseed_actor(actor_seed(cfg, it, self.rank))
         actor = self.learner.actor()
-        batches, mets = [], []
-        steps = 0
-        for k in range(cfg.episodes_per_iteration):
-            batch, m = collect_episode(self.env, actor, scenario_seed(cfg, it, k), it * cfg.episodes_per_iteration + k)
+        batches, mets, steps = [], [], 0
+        for k in range(E):
+            episode = (it * self.size + self.rank) * E + k  # unique over ranks and iterations
+            batch, m = collect_episode(self.env, actor, scenario_seed(cfg, it, k, self.rank), episode)
             batches.append(batch)
             mets.append(m)
             steps += self.env.sim_steps
         agent = concat(batches)
         t1 = time.perf_counter()
-        expert = None
-        alpha = dtw = None
-        estats: list[dict[str, Any]] = []
+        expert, estats, dtw_s = None, [], 0.0
+        alpha = np.ones(self.n_agents, np.float32)
+        dtw = np.full(self.n_agents, np.nan)
         if self.expert is not None:
             ebatches = []
-            for k in range(cfg.episodes_per_iteration):
-                eb, st = self.expert.demonstrate(
-                    self.env, scenario_seed(cfg, it, k), it * cfg.episodes_per_iteration + k
-                )
+            for k in range(E):
+                episode = (it * self.size + self.rank) * E + k
+                eb, st = self.expert.demonstrate(self.env, scenario_seed(cfg, it, k, self.rank), episode)
                 ebatches.append(eb)
                 estats.append(st)
             expert = concat(ebatches)
+            t2 = time.perf_counter()
+            # DTW on the rank that holds both trajectories
             alpha, dtw = agent_alphas(agent, expert, self.n_agents, self.env.graph.scale, cfg.hpo.kappa,
                                       cfg.hpo.dtw_radius)  # fmt: skip
-        t2 = time.perf_counter()
-        stats = self.learner.update(agent, expert, alpha, self.n_agents)
+            dtw_s = time.perf_counter() - t2
         t3 = time.perf_counter()
-        self.env_steps += steps
-        self.wall_s += t3 - t0
+        for b in (agent, expert):
+            if b is not None:
+                b["agent_id"] = (b["agent_id"] + self.agent_offset).astype(np.int32)
+                b["rank"] = np.full(len(b["action"]), self.rank, np.int16)
 
         def avg(key: str) -> float:
             vals = [m[key] for m in mets if not np.isnan(m[key])]
             return float(np.mean(vals)) if vals else float("nan")
 
+        vec = {
+            **{
+                k: avg(k)
+                for k in (
+                    "mean_return",
+                    "mean_travel_time",
+                    "arrival_rate",
+                    "bg_mean_travel_time",
+                    "mean_time_censored",
+                )
+            },
+            "failed_rate": float(np.mean([m["failed"] / max(m["agents"], 1) for m in mets])),
+            "expert_travel_time": float(np.nanmean([s["expert_travel_time"] for s in estats])) if estats else np.nan,
+            "expert_arrival_rate": float(np.mean([s["expert_arrival"] for s in estats])) if estats else np.nan,
+            "env_steps": float(steps),
+            "decisions": float(len(agent["action"])),
+            "rollout_s": t1 - t0,
+            "expert_s": t3 - t1 - dtw_s,
+            "dtw_s": dtw_s,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        }
+        log.info(
+            "rank %d iteration %d: %d decisions, %d expert decisions, obs checksum %.6f",
+            self.rank,
+            it,
+            len(agent["action"]),
+            0 if expert is None else len(expert["action"]),
+            float(agent["obs"].sum()),
+        )
+        return agent, expert, alpha, dtw, np.array([vec[k] for k in METRIC_KEYS], np.float64)
+
+    def iteration(self, it: int) -> dict[str, float] | None:
+        """One iteration on every rank; returns the metrics row on rank 0 (None elsewhere)."""
+        comm = self.comm
+        t0 = time.perf_counter()
+        weights = self.learner.flat_weights() if self.root else np.empty(self._n_weights(), np.float32)
+        weights = comm.bcast_array(weights)
+        if not self.root:
+            self.learner.load_flat_weights(weights)
+        t_b = time.perf_counter() - t0
+        agent, expert, alpha, dtw, vec = self._local_rollout(it)
+        t1 = time.perf_counter()
+        bytes0 = comm.bytes_moved()
+        agent_all, _ = comm.gather_columns(agent)
+        expert_all = comm.gather_columns(expert)[0] if expert is not None else None
+        ad_all, _ = comm.gather_columns({"alpha": alpha, "dtw": dtw})
+        vecs = comm.gather_fixed(vec)
+        t2 = time.perf_counter()
+        comm_bytes = comm.bytes_moved() - bytes0
+        if not self.root:
+            return None
+        assert agent_all is not None and ad_all is not None and vecs is not None
+        alpha_all = ad_all["alpha"] if expert_all is not None else None
+        stats = self.learner.update(agent_all, expert_all, alpha_all, self.n_agents_total)
+        t3 = time.perf_counter()
+        per = {k: vecs[:, i] for i, k in enumerate(METRIC_KEYS)}
+        steps = float(per["env_steps"].sum())
+        self.env_steps += int(steps)
+        dtw_all = ad_all["dtw"]
+
+        def mean(k: str) -> float:
+            v = per[k][np.isfinite(per[k])]
+            return float(v.mean()) if len(v) else float("nan")
+
         metrics = {
             "iteration": float(it),
             "env_steps": float(self.env_steps),
-            "wall_s": self.wall_s,
-            "mean_return": avg("mean_return"),
-            "mean_travel_time": avg("mean_travel_time"),
-            "arrival_rate": avg("arrival_rate"),
-            "alpha_mean": float(np.mean(alpha)) if alpha is not None else float("nan"),
-            "dtw_mean": float(np.nanmean(dtw)) if dtw is not None and np.isfinite(dtw).any() else float("nan"),
+            "mean_return": mean("mean_return"),
+            "mean_travel_time": mean("mean_travel_time"),
+            "arrival_rate": mean("arrival_rate"),
+            "alpha_mean": float(np.mean(alpha_all)) if alpha_all is not None else float("nan"),
+            "dtw_mean": float(np.nanmean(dtw_all)) if np.isfinite(dtw_all).any() else float("nan"),
             "rvi_max": float("nan"),
             "pdi_max": float("nan"),
             "execution_rate": float("nan"),
             "llm_latency_s": float("nan"),
-            "decisions": float(len(agent["action"])),
-            "bg_mean_travel_time": avg("bg_mean_travel_time"),
-            "expert_travel_time": float(np.nanmean([s["expert_travel_time"] for s in estats]))
-            if estats
-            else float("nan"),
-            "expert_arrival_rate": float(np.mean([s["expert_arrival"] for s in estats])) if estats else float("nan"),
-            "failed_rate": float(np.mean([m["failed"] / max(m["agents"], 1) for m in mets])),
-            "mean_time_censored": avg("mean_time_censored"),
-            "rollout_s": t1 - t0,
-            "expert_s": t2 - t1,
+            "decisions": float(per["decisions"].sum()),
+            **{
+                k: mean(k)
+                for k in (
+                    "bg_mean_travel_time",
+                    "expert_travel_time",
+                    "expert_arrival_rate",
+                    "failed_rate",
+                    "mean_time_censored",
+                )
+            },
+            # slowest rank: the others wait for it at the gather
+            "rollout_s": float(per["rollout_s"].max()),
+            "expert_s": float(per["expert_s"].max()),
+            "dtw_s": float(per["dtw_s"].max()),
+            "comm_s": t_b + (t2 - t1),
+            "comm_bytes": float(comm_bytes + weights.nbytes * (self.size - 1)),
             "update_s": t3 - t2,
+            "ranks": float(self.size),
+            "rss_mb_max": float(per["rss_mb"].max()),
             **{
                 k: stats.get(k, float("nan"))
                 for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "td_loss", "epsilon")
             },
         }
-        self.writer.append_rows("agent", self._rows(agent, it))
-        if expert is not None:
-            self.writer.append_rows("expert", self._rows(expert, it))
+        assert self.writer is not None
+        tw = time.perf_counter()
+        self.writer.append_rows("agent", self._rows(agent_all, it))
+        if expert_all is not None:
+            self.writer.append_rows("expert", self._rows(expert_all, it))
+        metrics["write_s"] = time.perf_counter() - tw
+        self.wall_s += time.perf_counter() - t0
+        metrics["wall_s"] = self.wall_s
         self.writer.end_iteration(metrics)  # commits the iteration in the dump
         if self.tb is not None:
             for k, v in metrics.items():
@@ -302,40 +433,52 @@ class Trainer:
             self.tb.flush()
         return metrics
 
+    def _n_weights(self) -> int:
+        return len(self.learner.flat_weights())
+
     def run(self) -> dict[str, float] | None:
         cfg = self.cfg
         last: dict[str, float] | None = None
         bar = None
-        if sys.stderr.isatty():
+        if self.root and sys.stderr.isatty():
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.iterations, initial=self.start_iteration, desc=cfg.name, unit="it")
-        with _StopFlag() as stop:
+        with _StopFlag(announce=self.root) as stop:
             for it in range(self.start_iteration, cfg.iterations):
-                last = self.iteration(it)
+                m = self.iteration(it)
                 done = it == cfg.iterations - 1
-                if (it + 1) % cfg.checkpoint_every == 0 or done or stop.requested:
+                # rank 0 decides for all: under srun every rank gets the signal, under mpiexec maybe one
+                stopping = bool(self.comm.bcast_obj(bool(stop.requested) if self.root else None))
+                if not self.root:
+                    if stopping:
+                        break
+                    continue
+                assert m is not None
+                last = m
+                if (it + 1) % cfg.checkpoint_every == 0 or done or stopping:
                     self.save_checkpoint(it)
-                line = (f"it {it}: travel {last['mean_travel_time']:.1f} s, arrival {last['arrival_rate']:.2f}, "
-                        f"return {last['mean_return']:.2f}, alpha {last['alpha_mean']:.2f}, "
-                        f"steps {int(last['env_steps'])}, {last['wall_s']:.0f} s")  # fmt: skip
+                line = (f"it {it}: travel {m['mean_travel_time']:.1f} s, arrival {m['arrival_rate']:.2f}, "
+                        f"return {m['mean_return']:.2f}, alpha {m['alpha_mean']:.2f}, "
+                        f"steps {int(m['env_steps'])}, {m['wall_s']:.0f} s")  # fmt: skip
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(travel=f"{last['mean_travel_time']:.0f}", ret=f"{last['mean_return']:.2f}",
-                                    alpha=f"{last['alpha_mean']:.2f}")  # fmt: skip
+                    bar.set_postfix(travel=f"{m['mean_travel_time']:.0f}", ret=f"{m['mean_return']:.2f}",
+                                    alpha=f"{m['alpha_mean']:.2f}")  # fmt: skip
                     log.debug(line)
                 else:
                     log.info(line)
-                if stop.requested and not done:
-                    log.info("stopped by %s after iteration %d; resume with --resume %s", stop.requested, it,
-                             self.run_dir)  # fmt: skip
+                if stopping and not done:
+                    log.info("stopped by %s after iteration %d; resume with --resume %s", stop.requested or "signal",
+                             it, self.run_dir)  # fmt: skip
                     break
         if bar is not None:
             bar.close()
         return last
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         self.env.close()
         if self.tb is not None:
             self.tb.close()
@@ -347,34 +490,64 @@ def _setup_logging(run_dir: Path) -> None:
     logging.getLogger("reled_hpc").addHandler(handler)
 
 
-def train(config: Path | str | TrainConfig, *, resume: Path | None = None, overrides: dict[str, Any] | None = None,
-          run_dir: Path | None = None) -> tuple[Path, dict[str, float] | None]:  # fmt: skip
-    """Train from a config file (or object), or resume a run folder. Returns (run folder, last metrics)."""
-    if resume is not None:
-        resume = Path(resume)
-        if not (resume / "config.yaml").exists():
-            raise ReledError(f"{resume} is not a run folder (no config.yaml)")
-        cfg = load_config(resume / "config.yaml", overrides)
-        run_dir = resume
-    else:
-        cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-        run_dir = run_dir or Path(cfg.runs_dir) / cfg.name
-        if (run_dir / "trajectories.h5").exists():
-            raise ReledError(f"run folder {run_dir} already holds a run: use --resume {run_dir} or another name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(run_dir)
-    trainer = Trainer(cfg, run_dir, resume=resume is not None)
+def train(config: Path | str | TrainConfig | None, *, resume: Path | None = None,
+          overrides: dict[str, Any] | None = None, run_dir: Path | None = None,
+          comm: Any = None) -> tuple[Path, dict[str, float] | None]:  # fmt: skip
+    """Train from a config file (or object), or resume a run folder. Returns (run folder, last
+    metrics on rank 0). Under mpiexec/srun every rank calls this; an exception on any rank aborts
+    the whole job (MPI Abort) after logging the rank and traceback."""
+    from .dist.comm import get_comm
+
+    comm = comm or get_comm()
     try:
-        last = trainer.run()
-    finally:
-        trainer.close()
-    return run_dir, last
+        if resume is not None:
+            resume = Path(resume)
+            if not (resume / "config.yaml").exists():
+                raise ReledError(f"{resume} is not a run folder (no config.yaml)")
+            cfg = load_config(resume / "config.yaml", overrides)
+            run_dir = resume
+        else:
+            if config is None:
+                raise ReledError("train needs a config or a run folder to resume")
+            cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+            run_dir = run_dir or Path(cfg.runs_dir) / cfg.name
+            if (run_dir / "trajectories.h5").exists():
+                raise ReledError(f"run folder {run_dir} already holds a run: use --resume {run_dir} or another name")
+        comm.barrier()  # every rank checked the folder before rank 0 creates anything in it
+        if comm.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _setup_logging(run_dir)
+            if comm.size > 1:
+                log.info("%d MPI ranks, rank 0 is the learner", comm.size)
+        comm.barrier()
+        trainer = Trainer(cfg, run_dir, resume=resume is not None, comm=comm)
+        try:
+            last = trainer.run()
+        finally:
+            trainer.close()
+        return run_dir, last
+    except BaseException as exc:
+        if not comm.is_mpi or isinstance(exc, SystemExit):
+            raise
+        import traceback
+
+        msg = f"rank {comm.rank}/{comm.size} failed: {exc!r}\n{traceback.format_exc()}"
+        log.error("%s", msg)
+        print(f"reled-hpc: {msg}", file=sys.stderr, flush=True)
+        for h in logging.getLogger("reled_hpc").handlers:
+            h.flush()
+        comm.abort(1)  # takes every rank down now: no rank waits on a dead peer
+        raise
 
 
-def reference_travel_time(cfg: TrainConfig, policy: str, episodes: int = 1) -> dict[str, float]:
-    """A reference policy's metrics on the first scenarios of a run (for the demo's comparison)."""
+def reference_travel_time(cfg: TrainConfig, policy: str, last: int = 5) -> dict[str, float]:
+    """A reference policy's metrics on the scenarios of the run's last `last` iterations (the same
+    traffic the final policy faces), averaged."""
     from .policies import make_policy, run_episode
 
+    its = range(max(cfg.iterations - last, 0), cfg.iterations)
+    seeds = sorted({scenario_seed(cfg, it, k) for it in its for k in range(cfg.episodes_per_iteration)})
     with NavigationEnv(dataclasses.replace(cfg.env)) as env:
-        ms = [run_episode(env, make_policy(policy, cfg.seed), seed=scenario_seed(cfg, 0, k)) for k in range(episodes)]
-    return {k: float(np.nanmean([m[k] for m in ms])) for k in ("mean_travel_time", "arrival_rate", "mean_return")}
+        ms = [run_episode(env, make_policy(policy, cfg.seed), seed=s) for s in seeds]
+    keys = ("mean_travel_time", "arrival_rate", "mean_return", "mean_time_censored")
+    return {k: float(np.nanmean([m[k] for m in ms])) for k in keys}

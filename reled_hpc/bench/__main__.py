@@ -1,4 +1,4 @@
-"""`python -m reled_hpc.bench {env,learner} [options] --json`: print one JSON object per run."""
+"""`python -m reled_hpc.bench {env,learner,dist} [options] --json`: print one JSON object per run."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 
+from . import dist as dist_bench
 from . import env as env_bench
 from . import learner as learner_bench
 
-BENCHES = {"env": env_bench, "learner": learner_bench}
+BENCHES = {"env": env_bench, "learner": learner_bench, "dist": dist_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

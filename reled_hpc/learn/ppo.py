@@ -97,6 +97,10 @@ class PPOLearner:
         self.shuffle_rng.bit_generator.state = state["shuffle"]
 
     # ---- acting ----------------------------------------------------------------------------------
+    def reseed_actor(self, seed: int) -> None:
+        """Make the next rollouts' action sampling a function of `seed` alone (per rank, per iteration)."""
+        self.sample_gen.manual_seed(seed)
+
     def actor(self, greedy: bool = False) -> Actor:
         net, gen = self.net, self.sample_gen
 

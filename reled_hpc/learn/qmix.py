@@ -348,6 +348,10 @@ class QMIXLearner:
         self.grad_steps = state["grad_steps"]
 
     # ---- acting ----------------------------------------------------------------------------------
+    def reseed_actor(self, seed: int) -> None:
+        """Make the next rollouts' exploration a function of `seed` alone (per rank, per iteration)."""
+        self.act_rng = np.random.default_rng(seed)
+
     def actor(self, greedy: bool = False) -> Actor:
         """Epsilon-greedy over valid candidates (epsilon read at each call, so set_iteration applies).
         logp: log-probability of the chosen action under that distribution; value: max valid Q."""

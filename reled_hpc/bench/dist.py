@@ -1,0 +1,93 @@
+"""The MPI runtime: per-iteration time split into rollout, expert, DTW, communication, update and
+HDF5 write, bytes moved, memory per rank, and how iteration time grows with the agent count.
+
+Each agent count runs `reled-hpc train` under `mpiexec -n R` for a few iterations of RELED (oracle
+expert) on the shipped map; the first iteration is a warm-up and is left out of the averages.
+On a 2-core machine R ranks share the cores: read overhead and growth, not speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+PARTS = ("rollout_s", "expert_s", "dtw_s", "comm_s", "update_s", "write_s")
+
+
+def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: float, algorithm: str) -> dict[str, Any]:
+    from ..io import TrajectoryReader
+
+    with tempfile.TemporaryDirectory(prefix="reled_bench_dist_") as tmp:
+        cfg = {
+            "name": "bench", "algorithm": algorithm, "seed": 0, "iterations": iterations, "episodes_per_iteration": 1,
+            "checkpoint_every": iterations, "runs_dir": tmp, "tensorboard": False,
+            "env": {"map": map_name, "n_agents": agents, "traffic": "light", "horizon_s": horizon,
+                    "depart_window_s": min(120.0, horizon / 4)},
+            "dist": {"total_agents": agents},
+        }  # fmt: skip
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        cmd = [sys.executable, "-m", "reled_hpc.cli", "train", str(path)]
+        if ranks > 1:
+            cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), *cmd]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        total = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise RuntimeError(f"benchmark run failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
+        with TrajectoryReader(Path(tmp) / "bench" / "trajectories.h5") as r:
+            m = r.metrics()
+    steady = slice(1, None) if len(m["iteration"]) > 1 else slice(0, None)
+    wall = np.diff(np.r_[0.0, m["wall_s"]])[steady]
+    parts = {k: float(np.mean(m[k][steady])) for k in PARTS}
+    iter_s = float(np.mean(wall))
+    return {
+        "agents": agents,
+        "agents_per_rank": agents / ranks,
+        "iteration_s": round(iter_s, 3),
+        **{k: round(v, 4) for k, v in parts.items()},
+        "share": {k.removesuffix("_s"): round(v / iter_s, 4) for k, v in parts.items()},
+        "comm_bytes_per_iteration": int(np.mean(m["comm_bytes"][steady])),
+        "decisions_per_iteration": int(np.mean(m["decisions"][steady])),
+        "env_steps_per_iteration": int(np.mean(np.diff(np.r_[0.0, m["env_steps"]])[steady])),
+        "peak_rss_mb_per_rank": round(float(np.max(m["rss_mb_max"])), 1),
+        "process_wall_s": round(total, 1),
+    }
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--agents", type=int, nargs="+", default=[100, 500, 1000], help="total agents, split over ranks")
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--map", default="helsinki")
+    p.add_argument("--horizon", type=float, default=300.0, help="episode horizon (simulated s)")
+    p.add_argument("--algorithm", default="reled", choices=["ippo", "mappo", "qmix", "reled"])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results = [run_one(args.ranks, n, args.iterations, args.map, args.horizon, args.algorithm) for n in args.agents]
+    out: dict[str, Any] = {"bench": "dist", "ranks": args.ranks, "map": args.map, "horizon_s": args.horizon,
+                           "algorithm": args.algorithm, "results": results}  # fmt: skip
+    if len(results) > 1:
+        a0, a1 = results[0], results[-1]
+        out["growth"] = {
+            "agents_factor": a1["agents"] / a0["agents"],
+            "iteration_time_factor": round(a1["iteration_s"] / a0["iteration_s"], 2),
+            "comm_bytes_factor": round(a1["comm_bytes_per_iteration"] / max(a0["comm_bytes_per_iteration"], 1), 2),
+            # marginal memory: what one more agent costs a rank (the baseline is torch + SUMO)
+            "rss_kb_per_added_agent_per_rank": round(
+                (a1["peak_rss_mb_per_rank"] - a0["peak_rss_mb_per_rank"])
+                * 1024
+                / max(a1["agents_per_rank"] - a0["agents_per_rank"], 1),
+                1,
+            ),
+        }
+    return out
