@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
     d.add_argument("--config", default="configs/quickstart.yaml", help="training config of the demo")
+    d.add_argument("--ranks", type=int, default=2, help="local MPI ranks of the training job (1: no MPI)")
     d.add_argument("--policies-only", action="store_true", help="only run the reference policies")
     d.add_argument("--agents", type=int, default=100, help="agents for --policies-only")
     d.add_argument("--traffic", default="light", choices=["none", "light", "medium", "heavy"])
@@ -302,11 +303,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(
         f"reled-hpc {__version__} demo: training {cfg.algorithm} ({cfg.hpo.expert} expert) on {cfg.env.map} "
-        f"(© OpenStreetMap contributors), {cfg.env.n_agents} agents, {cfg.env.traffic} traffic, "
+        f"(© OpenStreetMap contributors), {cfg.dist.total_agents or cfg.env.n_agents * args.ranks} agents, "
+        f"{cfg.env.traffic} traffic, "
         f"{cfg.iterations} iterations -> {cfg.runs_dir}/{cfg.name}"
     )
-    refs = {p: reference_travel_time(cfg, p) for p in ("shortest_path", "random")}
-    run_dir, _ = train(cfg)
+    refs = {p: reference_travel_time(cfg, p, ranks=args.ranks) for p in ("shortest_path", "random")}
+    if args.ranks > 1:
+        import subprocess
+
+        from .dist.comm import launched_with_mpi
+
+        if launched_with_mpi():
+            raise ReledError("run the demo itself without mpiexec: it starts its ranks with --ranks")
+        mpiexec = Path(sys.executable).parent / "mpiexec"
+        cmd = [str(mpiexec), "-n", str(args.ranks), sys.executable, "-m", "reled_hpc.cli", "train", args.config,
+               "--name", cfg.name]  # fmt: skip
+        print(f"{args.ranks} local MPI ranks: {' '.join(cmd)}")
+        if subprocess.call(cmd) != 0:
+            raise ReledError("the demo's training job failed (see the messages above)")
+        run_dir = Path(cfg.runs_dir) / cfg.name
+    else:
+        run_dir, _ = train(cfg)
     from .io import TrajectoryReader
 
     m = TrajectoryReader(run_dir / "trajectories.h5").metrics()

@@ -337,7 +337,7 @@ class Trainer:
             "dtw_s": dtw_s,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         }
-        log.info(
+        log.debug(
             "rank %d iteration %d: %d decisions, %d expert decisions, obs checksum %.6f",
             self.rank,
             it,
@@ -540,14 +540,17 @@ def train(config: Path | str | TrainConfig | None, *, resume: Path | None = None
         raise
 
 
-def reference_travel_time(cfg: TrainConfig, policy: str, last: int = 5) -> dict[str, float]:
-    """A reference policy's metrics on the scenarios of the run's last `last` iterations (the same
-    traffic the final policy faces), averaged."""
+def reference_travel_time(cfg: TrainConfig, policy: str, last: int = 5, ranks: int = 1) -> dict[str, float]:
+    """A reference policy's metrics on the scenarios the run's last `last` iterations see on every
+    rank (the same traffic the final policy faces), averaged."""
     from .policies import make_policy, run_episode
 
+    counts = split_agents(cfg.dist.total_agents, ranks) if cfg.dist.total_agents else [cfg.env.n_agents] * ranks
     its = range(max(cfg.iterations - last, 0), cfg.iterations)
-    seeds = sorted({scenario_seed(cfg, it, k) for it in its for k in range(cfg.episodes_per_iteration)})
-    with NavigationEnv(dataclasses.replace(cfg.env)) as env:
-        ms = [run_episode(env, make_policy(policy, cfg.seed), seed=s) for s in seeds]
+    ms = []
+    for rank, n in enumerate(counts):
+        seeds = sorted({scenario_seed(cfg, it, k, rank) for it in its for k in range(cfg.episodes_per_iteration)})
+        with NavigationEnv(dataclasses.replace(cfg.env, n_agents=n)) as env:
+            ms += [run_episode(env, make_policy(policy, cfg.seed), seed=s) for s in seeds]
     keys = ("mean_travel_time", "arrival_rate", "mean_return", "mean_time_censored")
     return {k: float(np.nanmean([m[k] for m in ms])) for k in keys}

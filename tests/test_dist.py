@@ -32,7 +32,7 @@ def _cfg(tmp_path: Path, name: str, **kw) -> Path:
 
 def _mpirun(cfg: Path, ranks: int = 2, env_extra: dict[str, str] | None = None, timeout: float = 300):
     env = {**os.environ, **(env_extra or {})}
-    cmd = [str(VENV_BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "reled_hpc.cli", "train", str(cfg)]
+    cmd = [str(VENV_BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "reled_hpc.cli", "-v", "train", str(cfg)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
