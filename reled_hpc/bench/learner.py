@@ -62,6 +62,7 @@ def bench_agents(n_agents: int, map_name: str, horizon: float, seed: int) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         write_s = _write_rows(Path(tmp) / "b.h5", batch, expert, cfg)
     updates: dict[str, dict[str, float]] = {}
+    PPOLearner(cfg.a_max, g_dim, PPOConfig(), seed=seed).update(batch)  # warm-up: torch's first-call costs
     for algo in ("ippo", "mappo", "reled", "qmix"):
         if algo == "qmix":
             learner: Any = QMIXLearner(cfg.a_max, g_dim, QMIXConfig(), seed=seed)
@@ -104,7 +105,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map", default="helsinki")
     p.add_argument("--horizon", type=float, default=600.0, help="episode horizon of the rollout (simulated s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (training uses 1 by default; 0: torch's)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
