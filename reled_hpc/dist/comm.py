@@ -1,0 +1,123 @@
+"""A small communicator facade over mpi4py with buffer collectives only on the hot path.
+
+`get_comm()` returns MPI.COMM_WORLD when the process was started by mpiexec/srun with more than
+one rank, and a serial stand-in otherwise, so R = 1 runs without initialising MPI at all.
+Trajectory batches move as typed numpy buffers: `Gatherv` of each column after a `Gather` of
+the row counts (never pickles); weights move as one float32 `Bcast`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+# launcher variables that say "this process is one of several ranks"
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
+
+
+def launched_with_mpi() -> bool:
+    for var in _SIZE_VARS:
+        if int(os.environ.get(var, "1") or 1) > 1:
+            return True
+    return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ
+
+
+class SerialComm:
+    """The single-process stand-in: rank 0 of 1; collectives are copies."""
+
+    rank = 0
+    size = 1
+    is_mpi = False
+
+    def bcast_array(self, arr: np.ndarray, root: int = 0) -> np.ndarray:
+        return arr
+
+    def bcast_obj(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def gather_columns(self, cols: dict[str, np.ndarray], root: int = 0) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
+        return cols, np.array([len(next(iter(cols.values())))], np.int64)
+
+    def gather_fixed(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
+        return arr[None]
+
+    def barrier(self) -> None:
+        pass
+
+    def abort(self, code: int = 1) -> None:
+        os._exit(code)
+
+    def bytes_moved(self) -> int:
+        return 0
+
+
+class MPIComm:
+    """mpi4py COMM_WORLD with the few collectives the runtime uses; counts bytes it moves."""
+
+    is_mpi = True
+
+    def __init__(self) -> None:
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self._bytes = 0
+
+    def bytes_moved(self) -> int:
+        return self._bytes
+
+    def bcast_array(self, arr: np.ndarray, root: int = 0) -> np.ndarray:
+        """Bcast a buffer whose shape and dtype every rank already knows (e.g. the flat weights)."""
+        buf = np.ascontiguousarray(arr)
+        self.comm.Bcast(buf, root=root)
+        self._bytes += buf.nbytes * (self.size - 1)
+        return buf
+
+    def bcast_obj(self, obj: Any, root: int = 0) -> Any:
+        """Small control messages only (stop flags, configs): pickled."""
+        return self.comm.bcast(obj, root=root)
+
+    def gather_fixed(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """Gather one equally shaped array per rank -> (size, *shape) on root."""
+        send = np.ascontiguousarray(arr)
+        recv = np.empty((self.size, *send.shape), send.dtype) if self.rank == root else None
+        self.comm.Gather(send, recv, root=root)
+        self._bytes += send.nbytes
+        return recv
+
+    def gather_columns(
+        self, cols: dict[str, np.ndarray], root: int = 0
+    ) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
+        """Gatherv each column (same names, dtypes and trailing shapes on every rank) to root.
+        Returns (columns concatenated in rank order, rows per rank) on root, (None, counts) elsewhere."""
+        n_local = len(next(iter(cols.values())))
+        counts = self.gather_fixed(np.array([n_local], np.int64), root)
+        counts = self.comm.bcast(None if counts is None else counts.ravel(), root=root)
+        out: dict[str, np.ndarray] | None = {} if self.rank == root else None
+        for name, arr in cols.items():
+            send = np.ascontiguousarray(arr)
+            row = int(np.prod(send.shape[1:], dtype=np.int64)) if send.ndim > 1 else 1
+            if out is not None:
+                recv = np.empty((int(counts.sum()), *send.shape[1:]), send.dtype)
+                rbuf = [recv, counts * row, None, self.MPI._typedict[send.dtype.char]]
+            else:
+                rbuf = None
+            self.comm.Gatherv(send, rbuf, root=root)
+            self._bytes += send.nbytes
+            if out is not None:
+                out[name] = recv
+        return out, counts
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        self.comm.Abort(code)
+
+
+def get_comm() -> SerialComm | MPIComm:
+    return MPIComm() if launched_with_mpi() else SerialComm()
