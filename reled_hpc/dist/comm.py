@@ -43,6 +43,9 @@ class SerialComm:
     def gather_fixed(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
         return arr[None]
 
+    def gather_obj(self, obj: Any, root: int = 0) -> list[Any] | None:
+        return [obj]
+
     def barrier(self) -> None:
         pass
 
@@ -80,6 +83,10 @@ class MPIComm:
     def bcast_obj(self, obj: Any, root: int = 0) -> Any:
         """Small control messages only (stop flags, configs): pickled."""
         return self.comm.bcast(obj, root=root)
+
+    def gather_obj(self, obj: Any, root: int = 0) -> list[Any] | None:
+        """Small, irregular records (LLM programs) only: pickled."""
+        return self.comm.gather(obj, root=root)
 
     def gather_fixed(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
         """Gather one equally shaped array per rank -> (size, *shape) on root."""
