@@ -1,16 +1,29 @@
-"""`python -m reled_hpc.bench {env,learner,dist} [options] --json`: print one JSON object per run."""
+"""`python -m reled_hpc.bench {env,learner,dist,llm} [options] --json`: print one JSON object per run."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from . import dist as dist_bench
 from . import env as env_bench
 from . import learner as learner_bench
+from . import llm as llm_bench
 
-BENCHES = {"env": env_bench, "learner": learner_bench, "dist": dist_bench}
+BENCHES = {"env": env_bench, "learner": learner_bench, "dist": dist_bench, "llm": llm_bench}
+
+
+def _strict(obj):
+    """NaN/inf -> null: the output is strict JSON for any consumer."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    return obj
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         mod.add_args(p)
         p.add_argument("--json", action="store_true", help="print the result as one JSON object (default: indented)")
     args = parser.parse_args(argv)
-    result = BENCHES[args.bench].run(args)
+    result = _strict(BENCHES[args.bench].run(args))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
