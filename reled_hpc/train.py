@@ -41,6 +41,7 @@ EXTRA_METRICS = (
     "policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "decisions", "bg_mean_travel_time",
     "expert_travel_time", "expert_arrival_rate", "failed_rate", "update_s", "rollout_s", "expert_s",
     "mean_time_censored", "td_loss", "epsilon", "dtw_s", "comm_s", "comm_bytes", "write_s", "ranks", "rss_mb_max",
+    "external_change_max",
 )  # fmt: skip
 
 
@@ -174,7 +175,8 @@ def actor_seed(cfg: TrainConfig, iteration: int, rank: int) -> int:
 
 METRIC_KEYS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_travel_time", "mean_time_censored",
                "failed_rate", "expert_travel_time", "expert_arrival_rate", "env_steps", "decisions", "rollout_s",
-               "expert_s", "dtw_s", "rss_mb", "execution_rate", "rvi_max", "pdi_max", "llm_latency_s")  # fmt: skip
+               "expert_s", "dtw_s", "rss_mb", "execution_rate", "rvi_max", "pdi_max", "llm_latency_s",
+               "external_change_max")  # fmt: skip
 
 
 class Trainer:
@@ -457,6 +459,7 @@ class Trainer:
             "pdi_max": _nanmax(per["pdi_max"]),
             "execution_rate": mean("execution_rate"),
             "llm_latency_s": _nanmax(per["llm_latency_s"]),  # ranks ask in parallel: the slowest
+            "external_change_max": _nanmax(per["external_change_max"]),
             "decisions": float(per["decisions"].sum()),
             **{
                 k: mean(k)
@@ -567,13 +570,16 @@ def _sed_stats(estats: list[dict[str, Any]]) -> dict[str, float]:
         return np.array([float(s.get(key, np.nan)) for s in estats], np.float64)
 
     if not estats or "execution_rate" not in estats[0]:
-        return dict.fromkeys(("execution_rate", "rvi_max", "pdi_max", "llm_latency_s"), float("nan"))
+        keys = ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s", "external_change_max")
+        return dict.fromkeys(keys, float("nan"))
     er = vals("execution_rate")
     return {
         "execution_rate": float(np.nanmean(er)) if np.isfinite(er).any() else float("nan"),
         "rvi_max": _nanmax(vals("rvi_max")),
         "pdi_max": _nanmax(vals("pdi_max")),
         "llm_latency_s": float(np.nansum(vals("llm_latency_s"))),
+        # measured |mean return change| of agents outside a subset, in RVI's units (RVI bounds it)
+        "external_change_max": _nanmax(vals("measured_external_change")),
     }
 
 

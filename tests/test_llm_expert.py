@@ -154,6 +154,10 @@ def test_correct_program_routes_every_agent_like_the_oracle(fake, env):
     # uniform policy vs a smoothed one-hot expert: KL > 0 wherever there is a choice
     for k in ("rvi_max", "pdi_max", "rvi_max_round1", "pdi_max_round1"):
         assert math.isfinite(stats[k]) and stats[k] > 0
+    # the other agents' measured return change (S_k on its routes vs on the greedy policy), in RVI's
+    # units: finite, and within the worst-case bound RVI states for it
+    assert math.isfinite(stats["measured_external_change"])
+    assert 0 <= stats["measured_external_change"] <= stats["rvi_max"]
     _check_programs(stats["programs"])
     assert all(p["executed"] and p["error"] == "" and p["round"] == 1 for p in stats["programs"])
     assert {p["subset"] for p in stats["programs"]} == {0, 1}

@@ -24,7 +24,7 @@ from ..env import NavigationEnv
 from ..learn.rollout import Actor, Batch, collect_episode
 from ..llm import LLMError, LLMUnavailable
 from ..llm.client import Completion, LLMClient, Request
-from .indices import pdi, rvi, smoothed_expert_policy
+from .indices import measured_external_change, pdi, rvi, smoothed_expert_policy
 from .partition import partition_for_cycle
 from .prompts import (
     ReplyFormatError,
@@ -61,6 +61,7 @@ class SEDConfig:
     temperature: float = 0.0
     max_tokens: int = 512
     template_version: str = "v1"
+    measure_external: bool = True  # drive 1 + m extra episodes to measure the other agents' return change
 
     def validate(self, where: str = "sed") -> None:
         require(isinstance(self.m, int) and self.m >= 1, f"{where}.m", f"must be an integer >= 1, got {self.m!r}")
@@ -119,8 +120,12 @@ class _RouteActor:
     """Actor that makes agents with an LLM route follow it and everyone else use the fallback policy.
     `llm_rows[j]` says whether row j (in collect_episode's order) came from an LLM route."""
 
-    def __init__(self, env: NavigationEnv, routes: dict[str, list[int]], fallback: str) -> None:
+    def __init__(
+        self, env: NavigationEnv, routes: dict[str, list[int]], fallback: str, policy: PolicyLogProbs | None = None
+    ) -> None:
+        """`policy` set: agents without a route act greedily on it instead of the reference fallback."""
         self.env = env
+        self.policy = policy
         self.routes = routes
         self.fallback = fallback
         self.deviated: set[str] = set()
@@ -147,11 +152,15 @@ class _RouteActor:
         if len(deciding) != len(o):
             raise RuntimeError("route actor out of step with the env")
         acts = np.zeros(len(o), np.int64)
+        greedy = np.argmax(self.policy(o, m), axis=1) if self.policy is not None else None
         for i, aid in enumerate(deciding):
             c = self._route_choice(aid)
             self.llm_rows.append(c is not None)
             if c is None:
-                c = env.shortest_choice(aid) if self.fallback == "shortest_path" else env.fastest_choice(aid)
+                if greedy is not None:
+                    c = int(greedy[i])
+                else:
+                    c = env.shortest_choice(aid) if self.fallback == "shortest_path" else env.fastest_choice(aid)
             acts[i] = c
         return acts, np.zeros(len(o), np.float32), np.zeros(len(o), np.float32)
 
@@ -274,7 +283,7 @@ class LLMExpert:
             "pdi_max": _nanmax([p.pdi for p in accepted]),
             "rvi_max_round1": _nanmax([p.rvi for p in round1]),
             "pdi_max_round1": _nanmax([p.pdi for p in round1]),
-            "measured_external_change": math.nan,  # not measured (needs a policy-driven run per subset)
+            "measured_external_change": self._external_change(env, seed, episode, subsets, best),
             "llm_latency_s": float(sum(latencies)),  # summed over this cycle's requests
             "llm_latency_mean_s": float(np.mean(latencies)) if latencies else math.nan,
             "prompt_tokens": tokens[0],
@@ -331,6 +340,31 @@ class LLMExpert:
     def _route_index(env: NavigationEnv, routes: list[dict[str, list[str]]]) -> dict[str, list[int]]:
         index = env.graph.index
         return {a: [index[e] for e in r] for rs in routes for a, r in rs.items()}
+
+    def _external_change(
+        self, env: NavigationEnv, seed: int, episode: int, subsets: list[list[str]], best: list[_Plan | None]
+    ) -> float:
+        """Max over subsets of |mean return change| of the agents OUTSIDE S_k when S_k follows its
+        accepted routes instead of the (greedy) policy, everyone else on the policy, same scenario;
+        normalised like RVI (r_max / (1 - gamma)) so the two can be read side by side."""
+        if not self.cfg.measure_external or self.policy_log_probs is None:
+            return math.nan
+        order = list(env.possible_agents)
+
+        def returns(routes: dict[str, list[str]]) -> np.ndarray:
+            actor = _RouteActor(env, self._route_index(env, [routes]), self.cfg.fallback, self.policy_log_probs)
+            collect_episode(env, actor, seed, episode)
+            return np.array([env.agents_state[a].ret for a in order])
+
+        base = returns({})
+        scale = env.config.reward_bound / (1.0 - self.cfg.gamma)
+        changes = []
+        for sub, plan in zip(subsets, best, strict=True):
+            if plan is None or not plan.routes:
+                continue
+            outside = np.array([a not in set(sub) for a in order])
+            changes.append(measured_external_change(base, returns(plan.routes), outside, scale).normalised)
+        return _nanmax(changes)
 
     def _drive(
         self, env: NavigationEnv, seed: int, episode: int, routes: list[dict[str, list[str]]]
