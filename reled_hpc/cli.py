@@ -161,20 +161,17 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 def _launch_ranks(args: argparse.Namespace) -> int:
     """`train --ranks R` outside MPI: run this same command under mpiexec with R ranks."""
     import os
-    import shutil
     import subprocess
 
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        found = shutil.which("mpiexec")
-        if not found:
-            raise ReledError("--ranks needs mpiexec (pip install mpich, or load your cluster's MPI module)")
-        mpiexec = Path(found)
-    argv = [a for a in sys.argv[1:] if a != "--ranks" and not a.startswith("--ranks=")]
-    if "--ranks" in sys.argv[1:]:  # drop its value too
-        i = sys.argv[1:].index("--ranks")
-        argv = sys.argv[1 : i + 1] + sys.argv[i + 3 :]
-    cmd = [str(mpiexec), "-n", str(args.ranks), sys.executable, "-m", "reled_hpc.cli", *argv]
+    from .dist.comm import mpiexec_command
+
+    argv, rest = [], iter(sys.argv[1:])
+    for a in rest:  # the same command line without --ranks R / --ranks=R
+        if a == "--ranks":
+            next(rest, None)
+        elif not a.startswith("--ranks="):
+            argv.append(a)
+    cmd = mpiexec_command(args.ranks, argv)
     log.info("launching %d ranks: %s", args.ranks, " ".join(cmd))
     return subprocess.call(cmd, env=os.environ.copy())
 
@@ -340,13 +337,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.ranks > 1:
         import subprocess
 
-        from .dist.comm import launched_with_mpi
+        from .dist.comm import launched_with_mpi, mpiexec_command
 
         if launched_with_mpi():
             raise ReledError("run the demo itself without mpiexec: it starts its ranks with --ranks")
-        mpiexec = Path(sys.executable).parent / "mpiexec"
-        cmd = [str(mpiexec), "-n", str(args.ranks), sys.executable, "-m", "reled_hpc.cli", "train", args.config,
-               "--name", cfg.name]  # fmt: skip
+        cmd = mpiexec_command(args.ranks, ["train", args.config, "--name", cfg.name])
         print(f"{args.ranks} local MPI ranks: {' '.join(cmd)}")
         if subprocess.call(cmd) != 0:
             raise ReledError("the demo's training job failed (see the messages above)")

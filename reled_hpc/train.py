@@ -131,6 +131,16 @@ def _seed(*parts: object) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
+DUMP_COLUMNS = ("episode", "agent_id", "t", "obs", "action", "action_mask", "reward", "done", "logp", "value", "x", "y")
+
+
+def dump_rows(batch: Batch, iteration: int) -> dict[str, np.ndarray]:
+    """A rollout batch as the HDF5 dump's agent/ or expert/ rows (rank 0 when the batch has none)."""
+    n = len(batch["action"])
+    rank = batch["rank"] if "rank" in batch else np.zeros(n, np.int16)
+    return {"iteration": np.full(n, iteration, np.int32), "rank": rank, **{k: batch[k] for k in DUMP_COLUMNS}}
+
+
 def scenario_seed(cfg: TrainConfig, iteration: int, k: int, rank: int = 0) -> int:
     """The traffic scenario of a rank's episode k: a pure function of the config, so a resumed run
     replays exactly the scenarios it would have seen, whatever the number of ranks."""
@@ -320,12 +330,6 @@ class Trainer:
         return path
 
     # ---- one iteration ---------------------------------------------------------------------------
-    def _rows(self, batch: Batch, iteration: int) -> dict[str, np.ndarray]:
-        n = len(batch["action"])
-        keep = ("rank", "episode", "agent_id", "t", "obs", "action", "action_mask", "reward", "done", "logp", "value",
-                "x", "y")  # fmt: skip
-        return {"iteration": np.full(n, iteration, np.int32), **{k: batch[k] for k in keep}}
-
     def _local_rollout(self, it: int) -> tuple[Batch, Batch | None, np.ndarray, np.ndarray, np.ndarray]:
         """This rank's episodes, expert episodes, per-agent alpha/dtw and metrics vector."""
         from .learn.hpo import agent_alphas
@@ -487,9 +491,9 @@ class Trainer:
         }
         assert self.writer is not None
         tw = time.perf_counter()
-        self.writer.append_rows("agent", self._rows(agent_all, it))
+        self.writer.append_rows("agent", dump_rows(agent_all, it))
         if expert_all is not None:
-            self.writer.append_rows("expert", self._rows(expert_all, it))
+            self.writer.append_rows("expert", dump_rows(expert_all, it))
         rows = [dict(r, iteration=it) for part in (programs or []) for r in part]
         if rows:
             self.writer.append_programs(rows)

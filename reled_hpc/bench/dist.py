@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ..dist.comm import mpiexec_command
+
 PARTS = ("rollout_s", "expert_s", "dtw_s", "comm_s", "update_s", "write_s")
 
 
@@ -35,9 +37,8 @@ def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: fl
         }  # fmt: skip
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        cmd = [sys.executable, "-m", "reled_hpc.cli", "train", str(path)]
-        if ranks > 1:
-            cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), *cmd]
+        cli = ["train", str(path)]
+        cmd = mpiexec_command(ranks, cli) if ranks > 1 else [sys.executable, "-m", "reled_hpc.cli", *cli]
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)
         total = time.perf_counter() - t0

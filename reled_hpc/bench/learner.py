@@ -25,18 +25,13 @@ from ..learn.rollout import collect_episode
 
 def _write_rows(path: Path, batch: dict[str, np.ndarray], expert: dict[str, np.ndarray], cfg: EnvConfig) -> float:
     from ..io import TrajectoryWriter
-    from ..train import EXTRA_METRICS
-
-    def rows(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(b["action"])
-        keep = ("episode", "agent_id", "t", "obs", "action", "action_mask", "reward", "done", "logp", "value", "x", "y")
-        return {"iteration": np.zeros(n, np.int32), "rank": np.zeros(n, np.int16), **{k: b[k] for k in keep}}
+    from ..train import EXTRA_METRICS, dump_rows
 
     t0 = time.perf_counter()
     with TrajectoryWriter(path, config_yaml="bench: true\n", obs_dim=cfg.obs_dim, a_max=cfg.a_max,
                           extra_metrics=EXTRA_METRICS) as w:  # fmt: skip
-        w.append_rows("agent", rows(batch))
-        w.append_rows("expert", rows(expert))
+        w.append_rows("agent", dump_rows(batch, 0))
+        w.append_rows("expert", dump_rows(expert, 0))
         w.end_iteration({"iteration": 0.0})
     return time.perf_counter() - t0
 

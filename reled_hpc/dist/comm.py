@@ -126,5 +126,23 @@ class MPIComm:
         self.comm.Abort(code)
 
 
+def mpiexec_command(ranks: int, cli_args: list[str]) -> list[str]:
+    """`mpiexec -n R <this python> -m reled_hpc.cli ARGS`: the venv's mpiexec (mpich from pip) if
+    present, else the one on PATH (a cluster's MPI module)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from ..errors import SetupError
+
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        found = shutil.which("mpiexec")
+        if not found:
+            raise SetupError("local MPI ranks need mpiexec (pip install mpich, or load your cluster's MPI module)")
+        mpiexec = Path(found)
+    return [str(mpiexec), "-n", str(ranks), sys.executable, "-m", "reled_hpc.cli", *cli_args]
+
+
 def get_comm() -> SerialComm | MPIComm:
     return MPIComm() if launched_with_mpi() else SerialComm()
