@@ -309,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vllm-arg", action="append", default=[], help="vllm: extra argument, repeatable")
     s.add_argument("--dry-run", action="store_true", help="print the server command and exit")
     s.set_defaults(func=cmd_serve_llm)
+
+    from .launch.cli import register as register_launch  # submit, sweep, status (SLURM via submitit)
+
+    register_launch(sub)
+    from analysis.cli import register as register_analysis  # offline analysis of HDF5 dumps
+
+    register_analysis(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Offline analysis of reled-hpc HDF5 dumps (`reled-hpc analyze ...`)."""

@@ -1,0 +1,1 @@
+"""Launching runs on SLURM (submitit or sbatch): submit, sweeps as job arrays, status."""
