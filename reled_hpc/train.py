@@ -102,6 +102,8 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     sed: SEDConfig = field(default_factory=SEDConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    # SLURM submission settings (`reled-hpc submit`); checked by reled_hpc.launch.spec, unused by training
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str = "config") -> None:
         require(bool(self.name) and "/" not in self.name, f"{where}.name", "must be a non-empty folder name")

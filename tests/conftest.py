@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from slurm_fixture import slurm_cluster  # noqa: F401  (session fixture: the real local SLURM)
 
 # one private map cache for the whole session, set before any reled_hpc import reads it
 _CACHE = Path(os.environ.get("RELED_HPC_TEST_CACHE", "/tmp/reled_hpc_test_cache_" + str(os.getpid())))

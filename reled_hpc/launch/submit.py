@@ -1,0 +1,155 @@
+"""`reled-hpc submit`: one training run as a SLURM job through submitit (optionally with an LLM
+server job in front of it). Everything is validated before anything is queued."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ReledError
+from .spec import SlurmSpec, check_feasible, spec_from
+
+log = logging.getLogger("reled_hpc.launch")
+
+SUBMIT_FILE = "submit.json"  # in the run folder: what was submitted, for `reled-hpc status`
+LLM_SECTION = "llm_server"  # slurm.llm_server: resources of the LLM server job
+
+
+@dataclass
+class Submitted:
+    run_dir: Path
+    job_id: str
+    server_job_id: str | None
+    job: Any  # submitit Job (result(), state, cancel())
+
+
+def make_executor(folder: Path, spec: SlurmSpec) -> Any:
+    import submitit
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ex = submitit.AutoExecutor(folder=folder, cluster=spec.cluster)
+    ex.update_parameters(**spec.executor_parameters())
+    return ex
+
+
+def check_config(cfg: Any, spec: SlurmSpec, where: str) -> None:
+    """What would only fail once the job runs, refused now."""
+    from ..maps import BUILTIN_MAPS
+
+    ranks = spec.ntasks
+    if cfg.dist.total_agents and cfg.dist.total_agents < ranks:
+        raise ConfigError(
+            f"{where}: dist.total_agents={cfg.dist.total_agents} leaves ranks without agents ({ranks} ranks)"
+        )
+    m = cfg.env.map
+    if m not in BUILTIN_MAPS and not Path(m).expanduser().exists():
+        raise ConfigError(f"{where}: env.map {m!r} is neither a built-in map ({', '.join(BUILTIN_MAPS)}) nor a path")
+
+
+def llm_server_spec(cfg: Any, where: str, **overrides: Any) -> SlurmSpec:
+    section = dict(cfg.slurm.get(LLM_SECTION) or {})
+    base = {k: v for k, v in cfg.slurm.items() if k in ("cluster", "account", "qos", "setup")}
+    spec = spec_from({**base, "job_name": "reled-llm", **section}, f"{where}: slurm.{LLM_SECTION}", **overrides)
+    return spec
+
+
+def _server_argv(backend: str, model: str | None, llm_dir: Path, spec: SlurmSpec, extra: list[str]) -> list[str]:
+    argv = ["--backend", backend, "--run-dir", str(llm_dir)]
+    if model:
+        argv += ["--model", model]
+    if backend == "vllm":
+        argv += ["--nodes", str(spec.nodes)]
+    return argv + extra
+
+
+def submit(
+    config: str | Path,
+    *,
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: Path | None = None,
+    resources: dict[str, Any] | None = None,
+    llm: str | None = None,
+    llm_model: str | None = None,
+    llm_resources: dict[str, Any] | None = None,
+    llm_args: list[str] | None = None,
+) -> Submitted:
+    """Validate, then submit. `resources` are SlurmSpec fields from the command line (None = from
+    the config's `slurm:` section or the default); `llm` is None, "vllm" or "embedded"."""
+    from ..train import TrainConfig, load_config
+
+    where = str(config)
+    if resume is not None:
+        run_dir = Path(resume).resolve()
+        if not (run_dir / "config.yaml").exists():
+            raise ReledError(f"{run_dir} is not a run folder (no config.yaml) to resume")
+        cfg: TrainConfig = load_config(run_dir / "config.yaml")
+        where = str(run_dir / "config.yaml")
+    else:
+        cfg = load_config(config, overrides)
+        if name:
+            cfg.name = name
+            cfg.validate()
+        run_dir = (Path(cfg.runs_dir) / cfg.name).resolve()
+        if (run_dir / "config.yaml").exists() or (run_dir / "trajectories.h5").exists():
+            raise ReledError(f"run folder {run_dir} already holds a run: pass --resume {run_dir} or another --name")
+    section = {k: v for k, v in cfg.slurm.items() if k != LLM_SECTION}
+    spec = spec_from(section, f"{where}: slurm", **(resources or {}))
+    check_config(cfg, spec, where)
+    server_spec = None
+    if llm:
+        if cfg.algorithm != "reled" or cfg.hpo.expert != "llm":
+            raise ConfigError(f"{where}: --llm needs algorithm reled with hpo.expert llm (the SED expert)")
+        server_spec = llm_server_spec(cfg, where, **(llm_resources or {}))
+        if llm == "vllm" and server_spec.cluster == "slurm" and not server_spec.gres:
+            raise ConfigError(f"{where}: the vLLM server job needs a GPU: set slurm.{LLM_SECTION}.gres or --llm-gres")
+        check_feasible(server_spec)
+    check_feasible(spec)
+
+    # nothing was queued until here
+    run_dir.mkdir(parents=True, exist_ok=True)
+    server_id = None
+    if server_spec is not None:
+        llm_dir = run_dir / "llm"
+        # a stale endpoint file from an earlier server must not be mistaken for the new one
+        (llm_dir / "endpoint.json").unlink(missing_ok=True)
+        argv = _server_argv(llm, llm_model, llm_dir, server_spec, list(llm_args or []))
+        from .jobs import ServerJob
+
+        sjob = make_executor(run_dir / "submitit-llm", server_spec).submit(ServerJob(argv))
+        server_id = str(sjob.job_id)
+        log.info("LLM server job %s (%s): %s", server_id, llm, " ".join(argv))
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, endpoint=str(llm_dir)))
+        if llm_model and llm == "vllm":
+            cfg.llm.model = llm_model
+    from .jobs import TrainJob
+
+    try:
+        job = make_executor(run_dir / "submitit", spec).submit(
+            TrainJob(cfg, str(run_dir), max_requeues=spec.max_requeues, server_job=server_id)
+        )
+    except Exception:
+        if server_id:
+            from .jobs import cancel_job
+
+            cancel_job(server_id)
+        raise
+    record = {
+        "kind": "run",
+        "run_dir": str(run_dir),
+        "job_id": str(job.job_id),
+        "server_job_id": server_id,
+        "cluster": spec.cluster,
+        "spec": dataclasses.asdict(spec),
+        "submitted": time.time(),
+        "argv": sys.argv,
+    }
+    jobs = json.loads((run_dir / SUBMIT_FILE).read_text()) if (run_dir / SUBMIT_FILE).exists() else []
+    (run_dir / SUBMIT_FILE).write_text(json.dumps([*jobs, record], indent=1))
+    return Submitted(run_dir, str(job.job_id), server_id, job)

