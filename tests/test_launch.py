@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from reled_hpc.errors import ConfigError
+from reled_hpc.errors import ConfigError, DumpError
 from reled_hpc.io import TrajectoryReader
 from reled_hpc.launch.spec import SlurmSpec, spec_from
 from reled_hpc.launch.sweep import plan
@@ -34,13 +34,16 @@ def _sacct_state(job: str) -> str:
     return "UNKNOWN"
 
 
-def _wait(job: str, states: set[str], timeout: float = 240) -> str:
+def _wait(job: str, states: set[str], timeout: float = 240, release_requeued: bool = False) -> str:
     t0 = time.monotonic()
     state = "UNKNOWN"
     while time.monotonic() - t0 < timeout:
         state = _sacct_state(job)
         if state in states:
             return state
+        if release_requeued and state == "PENDING":
+            # slurmctld holds a requeued job for 120 s (BeginTime); that is its policy, not ours to test
+            subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], capture_output=True)
         time.sleep(1)
     raise AssertionError(f"job {job} still {state} after {timeout} s (waited for {states})")
 
@@ -59,8 +62,15 @@ def _job_id(stdout: str) -> str:
 
 
 def _iterations(run_dir: Path) -> np.ndarray:
-    with TrajectoryReader(run_dir / "trajectories.h5") as r:
-        return r.iterations()
+    for _ in range(50):
+        try:
+            with TrajectoryReader(run_dir / "trajectories.h5") as r:
+                return r.iterations()
+        except DumpError as exc:  # the writer holds its lock while it creates the file, before SWMR
+            if "unable to lock file" not in str(exc):
+                raise
+            time.sleep(0.2)
+    raise AssertionError(f"{run_dir}/trajectories.h5 stayed locked")
 
 
 # ---- no scheduler needed -----------------------------------------------------------------------------
@@ -139,12 +149,12 @@ def test_timeout_signal_requeues_and_resumes_the_same_dump(slurm_cluster, cli, t
         time.sleep(0.5)
     # what SLURM sends signal_delay_s before the time limit
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300, release_requeued=True) == "COMPLETED"
     history = json.loads((run / "requeues.json").read_text())
     assert len(history) == 1 and 2 <= history[0]["iterations_done"] < 8
     assert list(_iterations(run)) == list(range(8))  # contiguous: nothing lost, nothing twice
     log = (run / "train.log").read_text()
-    assert "resuming" in log
+    assert "stopped by SIGTERM" in log and "resuming" in log  # finished its iteration, checkpointed
     st = _status(cli, run)
     assert st["runs"][0]["requeues"] == 1 and st["runs"][0]["iterations"] == 8
 
@@ -163,24 +173,28 @@ def test_cancelled_job_is_reported_cancelled(slurm_cluster, cli, tmp_path):
 
 @pytest.mark.slurm
 def test_bad_config_and_impossible_resources_are_refused_before_queueing(slurm_cluster, cli, tmp_path):
+    from reled_hpc.launch.submit import submit
+
     def n_jobs() -> int:
         out = subprocess.run(["sacct", "-n", "-X", "-a", "-S", "now-1hour", "--format=JobID"],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         return len(out.split())
 
     before = n_jobs()
-    cfg = str(REPO / "configs/ippo.yaml")
+    cfg = REPO / "configs/ippo.yaml"
     cases = [
-        (["--set", "ppo.lr=-1"], "ppo.lr"),
-        (["--set", "env.map=/nonexistent/city.osm"], "env.map"),
-        (["--set", "dist.total_agents=1", "--ntasks-per-node", "2"], "leaves ranks without agents"),
-        (["--nodes", "3"], "refuses"),
-        (["--partition", "nosuchpartition"], "refuses"),
-        (["--cpus-per-task", "512"], "refuses"),
+        ({"ppo.lr": -1}, {}, "ppo.lr"),
+        ({"env.map": "/nonexistent/city.osm"}, {}, "env.map"),
+        ({"dist.total_agents": 1}, {"ntasks_per_node": 2}, "leaves ranks without agents"),
+        ({}, {"nodes": 3}, "refuses"),
+        ({}, {"partition": "nosuchpartition"}, "refuses"),
+        ({}, {"cpus_per_task": 512}, "refuses"),
     ]
-    for extra, message in cases:
-        r = cli("submit", cfg, "--name", "bad", "--set", f"runs_dir={tmp_path}", *extra)
-        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+    for sets, resources, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            submit(cfg, name="bad", overrides={"runs_dir": str(tmp_path), **sets}, resources=resources)
+    r = cli("submit", str(cfg), "--name", "bad", "--set", f"runs_dir={tmp_path}", "--nodes", "3")
+    assert r.returncode == 2 and "reled-hpc: error:" in r.stderr and "refuses" in r.stderr, r.stderr
     assert not (tmp_path / "bad").exists()
     assert n_jobs() == before
 
@@ -202,9 +216,10 @@ def test_sbatch_train_template_runs_and_requeues_as_written(slurm_cluster, tmp_p
         assert time.monotonic() - t0 < 180, (tmp_path / f"slurm-reled-train-{job}.out").read_text()
         time.sleep(0.5)
     subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)  # what --signal=B:USR2@120 sends
-    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300, release_requeued=True) == "COMPLETED"
     out = (tmp_path / f"slurm-reled-train-{job}.out").read_text()
     assert "requeueing job" in out and "(restart 1)" in out, out
+    assert "stopped by SIGTERM" in (run / "train.log").read_text()  # the ranks checkpointed, not killed
     assert list(_iterations(run)) == list(range(6))
 
 
@@ -214,14 +229,15 @@ def test_sbatch_sweep_array_template(slurm_cluster, cli, tmp_path):
     assert r.returncode == 0, r.stderr
     sweep = tmp_path / "smoke"
     assert len((sweep / "tasks.txt").read_text().splitlines()) == 4
-    r = subprocess.run(["sbatch", "--parsable", "--array=0-3%2", f"--export=ALL,SWEEP_DIR={sweep},RELED={RELED}",
+    r = subprocess.run(["sbatch", "--parsable", "--array=1-2%2", f"--export=ALL,SWEEP_DIR={sweep},RELED={RELED}",
                         f"--chdir={tmp_path}", str(REPO / "slurm/sweep_array.sbatch")],
                        capture_output=True, text=True, check=True)  # fmt: skip
     array = r.stdout.strip().split(";")[0]
-    for k in range(4):
+    for k in (1, 2):  # two of the four lines are enough to check the template
         assert _wait(f"{array}_{k}", {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
-    for name in ("ippo-seed0", "ippo-seed1", "mappo-seed0", "mappo-seed1"):
+    for name in ("ippo-seed1", "mappo-seed0"):
         assert list(_iterations(sweep / "runs" / name)) == [0, 1]
+    assert not (sweep / "runs/ippo-seed0").exists()
 
 
 @pytest.mark.slurm

@@ -99,7 +99,8 @@ def _progress(run_dir: Path, iterations_total: int | None) -> dict[str, Any]:
                 if len(m["iteration"]):
                     out["travel_time"] = float(m["mean_travel_time"][-1])
         except ReledError as exc:
-            out["error"] = str(exc)
+            # the writer holds an exclusive lock while it creates the file (before SWMR): not an error
+            out["error" if "unable to lock file" not in str(exc) else "note"] = str(exc)
     rq = run_dir / REQUEUE_FILE
     out["requeues"] = len(json.loads(rq.read_text())) if rq.exists() else 0
     return out
@@ -111,26 +112,26 @@ def collect(path: Path | str) -> dict[str, Any]:
     if (path / SWEEP_FILE).exists():
         rec = json.loads((path / SWEEP_FILE).read_text())
         folder = path / "submitit"
-        items = [(t["name"], str(t["job_id"]), Path(t["run_dir"])) for t in rec["tasks"]]
+        items = [(t["name"], str(t["job_id"]), Path(t["run_dir"]), t.get("iterations")) for t in rec["tasks"]]
     elif (path / SUBMIT_FILE).exists():
         recs = json.loads((path / SUBMIT_FILE).read_text())
         rec = recs[-1]  # the latest submission of this run
         folder = path / "submitit"
-        items = [(path.name, str(rec["job_id"]), path)]
+        items = [(path.name, str(rec["job_id"]), path, rec.get("iterations"))]
     else:
         raise ReledError(f"{path} is neither a sweep folder ({SWEEP_FILE}) nor a submitted run folder ({SUBMIT_FILE})")
     slurm = rec["cluster"] == "slurm"
-    acct = sacct([j for _, j, _ in items]) if slurm else {}
+    acct = sacct([j for _, j, _, _ in items]) if slurm else {}
     rows = []
-    for name, jid, run_dir in items:
+    for name, jid, run_dir, planned in items:
         a = acct.get(jid)
         state = (a["State"] if a else "UNKNOWN") if slurm else _local_state(folder, jid)
-        its = None
+        its = planned
         cfg = run_dir / "config.yaml"
         if cfg.exists():
             import yaml
 
-            its = (yaml.safe_load(cfg.read_text()) or {}).get("iterations")
+            its = (yaml.safe_load(cfg.read_text()) or {}).get("iterations", its)
         row: dict[str, Any] = {"run": name, "job": jid, "state": state, **_progress(run_dir, its)}
         if a:
             sub, start = _time(a["Submit"]), _time(a["Start"])

@@ -146,6 +146,7 @@ def submit(
         "job_id": str(job.job_id),
         "server_job_id": server_id,
         "cluster": spec.cluster,
+        "iterations": cfg.iterations,
         "spec": dataclasses.asdict(spec),
         "submitted": time.time(),
         "argv": sys.argv,

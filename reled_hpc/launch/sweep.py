@@ -125,7 +125,16 @@ def submit_sweep(
         "sweep_dir": str(sweep_dir),
         "cluster": spec.cluster,
         "spec": dataclasses.asdict(spec),
-        "tasks": [{"index": t.index, "name": t.name, "values": t.values, "run_dir": str(t.run_dir)} for t in tasks],
+        "tasks": [
+            {
+                "index": t.index,
+                "name": t.name,
+                "values": t.values,
+                "run_dir": str(t.run_dir),
+                "iterations": t.cfg.iterations,
+            }
+            for t in tasks
+        ],
     }
     if dry_run:
         return record
