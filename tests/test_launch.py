@@ -193,6 +193,16 @@ def test_bad_config_and_impossible_resources_are_refused_before_queueing(slurm_c
     for sets, resources, message in cases:
         with pytest.raises(ConfigError, match=message):
             submit(cfg, name="bad", overrides={"runs_dir": str(tmp_path), **sets}, resources=resources)
+    reled = REPO / "configs/reled.yaml"
+    llm_cases = [  # the vLLM server job: refused without a GPU request, and where no GPU exists
+        ({"hpo.expert": "oracle"}, {}, "needs algorithm reled with hpo.expert llm"),
+        ({"hpo.expert": "llm"}, {}, "needs a GPU"),
+        ({"hpo.expert": "llm"}, {"gres": "gpu:1"}, "refuses"),
+    ]
+    for sets, llm_resources, message in llm_cases:
+        with pytest.raises(ConfigError, match=message):
+            submit(reled, name="bad", overrides={"runs_dir": str(tmp_path), **sets}, llm="vllm",
+                   llm_resources=llm_resources)  # fmt: skip
     r = cli("submit", str(cfg), "--name", "bad", "--set", f"runs_dir={tmp_path}", "--nodes", "3")
     assert r.returncode == 2 and "reled-hpc: error:" in r.stderr and "refuses" in r.stderr, r.stderr
     assert not (tmp_path / "bad").exists()
