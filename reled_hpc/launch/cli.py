@@ -112,6 +112,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_references(args: argparse.Namespace) -> int:
+    from .references import REFERENCES_FILE, sweep_references
+
+    out = sweep_references(args.sweep_dir, tuple(args.policy), last=args.last)
+    for p in args.policy:
+        m = out[p]
+        tt, ar, ret = m["mean_travel_time"], m["arrival_rate"], m["mean_return"]
+        print(f"{p:14s} travel {tt:7.1f} s  arrival {ar:.1%}  return {ret:.2f}")
+    print(f"-> {Path(args.sweep_dir) / REFERENCES_FILE}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect, format_status
 
@@ -162,6 +174,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--wait", action="store_true", help="wait for every task")
     _add_resources(w)
     w.set_defaults(func=cmd_sweep)
+
+    rf = sub.add_parser(
+        "references",
+        help="reference policies on a sweep's scenarios -> SWEEP_DIR/references.json (for analyze)",
+    )
+    rf.add_argument("sweep_dir")
+    rf.add_argument("--policy", nargs="+", default=["shortest_path", "fastest_path", "random"])
+    rf.add_argument("--last", type=int, default=5, help="scenarios of the runs' last N iterations")
+    rf.set_defaults(func=cmd_references)
 
     st = sub.add_parser("status", help="states, progress and failures of a submitted run or sweep")
     st.add_argument("path", help="a sweep folder or a submitted run folder")

@@ -1,0 +1,65 @@
+"""`reled-hpc references SWEEP_DIR`: the reference policies (shortest_path, fastest_path, random)
+on the very scenarios a sweep's runs face in their last iterations, written to
+SWEEP_DIR/references.json for `reled-hpc analyze compare|curves|report`.
+
+Scenarios depend on the seed, the iteration, the scenario period and the rank, not on the
+algorithm, so tasks that differ only in the algorithm share one reference computation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ReledError
+from .sweep import SWEEP_FILE
+
+log = logging.getLogger("reled_hpc.launch")
+
+REFERENCES_FILE = "references.json"
+POLICIES = ("shortest_path", "fastest_path", "random")
+
+
+def _scenario_key(cfg: Any, ranks: int) -> str:
+    env = {k: v for k, v in vars(cfg.env).items()}
+    return json.dumps(
+        [cfg.seed, env, cfg.dist.total_agents, cfg.iterations, cfg.episodes_per_iteration,
+         cfg.hpo.scenario_period, ranks], sort_keys=True, default=str,
+    )  # fmt: skip
+
+
+def _mean(values: list[float]) -> float:
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else float("nan")  # NaN: e.g. no random-policy agent arrived
+
+
+def sweep_references(sweep_dir: Path | str, policies: tuple[str, ...] = POLICIES, last: int = 5) -> dict[str, Any]:
+    from ..train import load_config, reference_travel_time
+
+    sweep_dir = Path(sweep_dir)
+    rec_path = sweep_dir / SWEEP_FILE
+    if not rec_path.exists():
+        rec_path = sweep_dir / "plan.json"
+    if not rec_path.exists():
+        raise ReledError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE} or plan.json)")
+    rec = json.loads(rec_path.read_text())
+    ranks = int(rec["spec"]["nodes"]) * int(rec["spec"]["ntasks_per_node"])
+    groups: dict[str, Any] = {}
+    for t in rec["tasks"]:
+        cfg = load_config(sweep_dir / "configs" / f"{t['name']}.yaml")
+        groups.setdefault(_scenario_key(cfg, ranks), cfg)
+    out: dict[str, Any] = {"last_iterations": last, "groups": len(groups), "policies": {}}
+    t0 = time.perf_counter()
+    for p in policies:
+        per = [reference_travel_time(cfg, p, last=last, ranks=ranks) for cfg in groups.values()]
+        out[p] = {k: _mean([m[k] for m in per]) for k in per[0]}
+        log.info("%s: %s (%d scenario groups, %.0f s so far)", p, out[p], len(groups), time.perf_counter() - t0)
+    del out["policies"]
+    (sweep_dir / REFERENCES_FILE).write_text(json.dumps(out, indent=1))
+    return out
