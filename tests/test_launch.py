@@ -270,3 +270,19 @@ def test_llm_server_job_then_training_then_server_cancelled(slurm_cluster, cli, 
     assert not (run / "llm/endpoint.json").exists() and (run / "llm/server.log").exists()
     with TrajectoryReader(run / "trajectories.h5") as rd:
         assert rd.n_rows("programs") >= 1  # the LLM was asked through the server job
+
+
+def test_references_on_a_sweeps_scenarios(tmp_path):
+    from reled_hpc.launch.references import sweep_references
+    from reled_hpc.launch.sweep import submit_sweep
+    from reled_hpc.train import load_config, reference_travel_time
+
+    rec = submit_sweep(REPO / "configs/sweeps/smoke.yaml", out=tmp_path, plan_only=True)
+    sweep = Path(rec["sweep_dir"])
+    out = sweep_references(sweep, ("shortest_path",), last=1)
+    saved = json.loads((sweep / "references.json").read_text())
+    assert saved == out and out["groups"] == 2  # ippo and mappo share the scenarios of each seed
+    # the mean over both seeds' groups of what each group's runs see in their last iteration
+    per_seed = [reference_travel_time(load_config(sweep / f"configs/ippo-seed{s}.yaml"), "shortest_path", last=1)
+                for s in (0, 1)]  # fmt: skip
+    assert out["shortest_path"]["arrival_rate"] == pytest.approx(np.mean([m["arrival_rate"] for m in per_seed]))
