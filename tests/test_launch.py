@@ -92,6 +92,16 @@ def test_sweep_plan_expands_the_grid(tmp_path):
     assert [t.name for t in tasks] == ["ippo-seed0", "ippo-seed1", "mappo-seed0", "mappo-seed1"]
     assert {(t.cfg.algorithm, t.cfg.seed) for t in tasks} == {("ippo", 0), ("ippo", 1), ("mappo", 0), ("mappo", 1)}
     assert all(t.cfg.iterations == 2 and t.run_dir == sweep_dir / "runs" / t.name for t in tasks)
+    var = tmp_path / "var.yaml"
+    variants = [{"name": "ippo"}, {"name": "reled-nofb", "algorithm": "reled", "sed.feedback": False}]
+    var.write_text(yaml.safe_dump({"name": "v", "base": str(REPO / "configs/ippo.yaml"),
+                                   "grid": {"variant": variants[1:], "seed": [3]}}, sort_keys=False))  # fmt: skip
+    (t,) = plan(var, out=tmp_path)[2]
+    assert t.name == "reled-nofb-seed3" and t.cfg.algorithm == "reled" and not t.cfg.sed.feedback
+    base = str(REPO / "configs/ippo.yaml")
+    var.write_text(yaml.safe_dump({"name": "v", "base": base, "grid": {"variant": variants}}))
+    with pytest.raises(ConfigError, match=r"variant\[0\]: must be a mapping with a `name`"):
+        plan(var, out=tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "b", "base": str(REPO / "configs/ippo.yaml"), "grid": {"sed.m": [0]}}))
     with pytest.raises(ConfigError, match=r"task m0.*sed\.m"):

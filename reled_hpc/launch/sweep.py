@@ -15,6 +15,9 @@ The sweep file:
       algorithm: [ippo, mappo, qmix, reled]
       seed: [0, 1, 2]
       dist.total_agents: [20, 100]
+      # variant: named override sets, for settings that only make sense together, e.g.
+      # - {name: reled-llm, algorithm: reled, hpo.expert: llm}
+      # - {name: reled-nofeedback, algorithm: reled, hpo.expert: llm, sed.feedback: false}
     slurm: {ntasks_per_node: 1, time_min: 60, array_parallelism: 4}
 """
 
@@ -37,6 +40,7 @@ from .spec import SlurmSpec, check_feasible, spec_from
 from .submit import check_config, make_executor
 
 SWEEP_FILE = "sweep.json"
+VARIANT = "variant"  # grid key whose values are named override sets
 
 
 @dataclass
@@ -55,6 +59,12 @@ class SweepFile:
             require(isinstance(v, list) and len(v) >= 1, f"{where}.grid.{k}", "must be a non-empty list")
             require(len(set(map(repr, v))) == len(v), f"{where}.grid.{k}", f"repeats a value: {v}")
         require(not set(self.grid) & set(self.set), f"{where}", "a key is in both grid and set")
+        for i, v in enumerate(self.grid.get(VARIANT, [])):
+            require(
+                isinstance(v, dict) and isinstance(v.get("name"), str) and len(v) >= 2,
+                f"{where}.grid.{VARIANT}[{i}]",
+                "must be a mapping with a `name` and at least one dotted key",
+            )
 
 
 @dataclass
@@ -67,6 +77,8 @@ class Task:
 
 
 def _short(key: str, value: Any) -> str:
+    if key == VARIANT:
+        return re.sub(r"[^\w.+-]+", "_", value["name"])
     leaf = key.rsplit(".", 1)[-1]
     text = f"{value}" if leaf == "algorithm" else f"{leaf}{value}"
     return re.sub(r"[^\w.+-]+", "_", text)
@@ -87,8 +99,11 @@ def plan(path: Path | str, out: Path | str | None = None) -> tuple[SweepFile, Pa
     for i, combo in enumerate(itertools.product(*(sw.grid[k] for k in keys))):
         values = dict(zip(keys, combo, strict=True))
         name = "-".join(_short(k, v) for k, v in values.items())
+        sets = {k: v for k, v in values.items() if k != VARIANT}
+        if VARIANT in values:
+            sets.update({k: v for k, v in values[VARIANT].items() if k != "name"})
         try:
-            cfg = load_config(base, {**sw.set, **values})
+            cfg = load_config(base, {**sw.set, **sets})
         except ConfigError as exc:
             raise ConfigError(f"{path}: task {name}: {exc}") from exc
         cfg.name = name
