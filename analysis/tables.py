@@ -1,0 +1,296 @@
+"""The run summary and the sweep comparison: the figures (dicts) and their text, Markdown, CSV and
+HTML renderings."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from reled_hpc.errors import DumpError
+
+from .load import Dump, Group, RunData, last_finite
+from .rows import returns_by_iteration, row_stats
+from .stats import FINAL_WINDOW, mean_std, read_programs, seconds_per_iteration, sed_stats, time_to_threshold
+
+FINAL_METRICS = ("mean_travel_time", "arrival_rate", "mean_return")
+
+
+# ---------------------------------------------------------------------------- number formatting
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fmt_num(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def fmt_s(v: Any) -> str:
+    return f"{fmt_num(v, 1)} s" if _finite(v) else "-"
+
+
+def fmt_pct(v: Any) -> str:
+    return f"{100 * v:.1f} %" if _finite(v) else "-"
+
+
+def fmt_pm(mean: float, std: float, digits: int = 1, scale: float = 1.0) -> str:
+    """'mean ± std' ('mean' alone for one seed, '-' for none)."""
+    if not math.isfinite(mean):
+        return "-"
+    text = f"{mean * scale:,.{digits}f}"
+    return f"{text} ± {std * scale:,.{digits}f}" if math.isfinite(std) else text
+
+
+# ---------------------------------------------------------------------------- summary
+def run_summary(run: RunData, dump: Dump, rows: bool = True, window: int = FINAL_WINDOW) -> dict[str, Any]:
+    """Everything `analyze summary` shows; reads the rows chunk-wise unless `rows` is False."""
+    its = run.iterations
+    configured = run.cfg("iterations")
+    out: dict[str, Any] = {
+        "file": str(run.path),
+        "config": {
+            "algorithm": run.algorithm,
+            "map": run.cfg("env.map", "?"),
+            "agents": run.total_agents,
+            # with dist.total_agents the ranks split the total and env.n_agents is ignored
+            "agents_per_rank": None if (run.cfg("dist.total_agents") or 0) > 0 else run.cfg("env.n_agents"),
+            "traffic": run.cfg("env.traffic", "?"),
+            "seed": run.seed,
+            "ranks": run.ranks,
+            "iterations_configured": configured,
+            "episodes_per_iteration": run.cfg("episodes_per_iteration"),
+            "hpo_expert": run.cfg("hpo.expert") if run.algorithm == "reled" else None,
+        },
+        "iterations": {
+            "committed": run.n_iterations,
+            "first": int(its[0]) if its.size else None,
+            "last": int(its[-1]) if its.size else None,
+        },
+        "env_steps": last_finite(run.metrics.get("env_steps")),
+        "wall_s": last_finite(run.metrics.get("wall_s")),
+        "seconds_per_iteration": seconds_per_iteration(run),
+        "final": {"window": min(window, run.n_iterations), **{k: run.final(k, window) for k in FINAL_METRICS}},
+        "rows": {g: {"rows": run.rows[g]} for g in ("agent", "expert")} | {"programs": run.rows["programs"]},
+        "sed": None,
+        "problems": list(run.problems),
+    }
+    if rows:
+        last = its[-window:].tolist()
+        for g in ("agent", "expert"):
+            if run.rows[g]:
+                st = row_stats(dump, g)
+                if st.pop("error"):
+                    out["problems"].append(
+                        f"{run.path}: {g}/ rows: a read error stopped the pass after {st['rows']} rows"
+                    )
+                try:
+                    rets = returns_by_iteration(dump, g, last)
+                    st["return_last"] = float(np.mean(list(rets.values()))) if rets else math.nan
+                except DumpError as exc:  # a damaged chunk in the last iterations: say so, keep the rest
+                    out["problems"].append(f"{run.path}: {g}/ returns of the last iterations unreadable: {exc}")
+                    st["return_last"] = math.nan
+                out["rows"][g].update(st)
+    if run.has_sed:
+        out["sed"] = sed_stats(run, read_programs(dump))
+    return out
+
+
+def summary_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, value) rows of the summary table; '' as field continues a section."""
+    c, it, fin = s["config"], s["iterations"], s["final"]
+    agents = fmt_num(c["agents"]) if c["agents"] is not None else "?"
+    if c["ranks"] > 1:
+        per = c["agents_per_rank"]
+        agents += f" ({per} per rank x {c['ranks']} ranks)" if per is not None else f" (split over {c['ranks']} ranks)"
+    span = f" ({it['first']}-{it['last']})" if it["committed"] else ""
+    of = f" of {c['iterations_configured']} configured" if c["iterations_configured"] is not None else ""
+    algo = c["algorithm"] + (f" ({c['hpo_expert']} expert)" if c["hpo_expert"] else "")
+    lines = [
+        ("file", s["file"]),
+        ("algorithm", algo),
+        ("map", str(c["map"])),
+        ("agents", agents),
+        ("traffic", str(c["traffic"])),
+        ("seed", str(c["seed"])),
+        ("ranks", str(c["ranks"])),
+        ("iterations", f"{it['committed']} committed{span}{of}"),
+        ("env steps", fmt_num(int(s["env_steps"])) if _finite(s["env_steps"]) else "-"),
+        ("wall time", f"{fmt_s(s['wall_s'])} ({fmt_s(s['seconds_per_iteration'])} per iteration, median)"),
+        (f"final (mean of last {fin['window']} iterations)", ""),
+        ("  mean travel time", fmt_s(fin["mean_travel_time"])),
+        ("  arrival rate", fmt_pct(fin["arrival_rate"])),
+        ("  mean return", fmt_num(fin["mean_return"])),
+    ]
+    for g in ("agent", "expert"):
+        r = s["rows"][g]
+        if "mean_reward" not in r:
+            lines.append((f"{g} rows", fmt_num(r["rows"])))
+            continue
+        shares = ", ".join(f"{i}: {100 * x:.1f}%" for i, x in enumerate(r["action_share"]))
+        lines += [
+            (f"{g} rows", fmt_num(r["rows"])),
+            ("  mean reward per decision", fmt_num(r["mean_reward"], 3)),
+            (f"  return from rows (last {fin['window']})", fmt_num(r.get("return_last", math.nan))),
+            ("  finished agent episodes", fmt_num(r["episodes_done"])),
+            ("  actions taken", shares or "-"),
+            ("  invalid actions", fmt_num(r["invalid_actions"])),
+        ]
+    sed = s["sed"]
+    if sed:
+        lines.append(("SED / HPO", ""))
+        if sed["programs"]:
+            ex = f"{sed['executed']:,} executed, {fmt_pct(sed['execution_rate'])}"
+            rounds = f"{sed['subset_cycles']:,} subset-cycles, {fmt_num(sed['rounds_mean'])} rounds each"
+
+            def arrow(key: str, digits: int = 2) -> str:
+                return f"{fmt_num(sed[key.format('before')], digits)} -> {fmt_num(sed[key.format('after')], digits)}"
+
+            lines += [
+                ("  programs", f"{sed['programs']:,} ({ex}), {rounds}"),
+                ("  RVI round 1 -> kept (mean)", arrow("rvi_{}_mean")),
+                ("  RVI round 1 -> kept (max)", arrow("rvi_{}_max")),
+                ("  PDI round 1 -> kept (mean)", arrow("pdi_{}_mean", 3) + " nats"),
+                ("  PDI round 1 -> kept (max)", arrow("pdi_{}_max", 3) + " nats"),
+                ("  LLM latency", f"{fmt_s(sed['llm_latency_mean_s'])} per request (mean)"),
+                ("  tokens", f"{sed['prompt_tokens']:,} prompt, {sed['completion_tokens']:,} completion"),
+            ]
+        else:
+            lines.append(("  programs", "0 (no LLM programs in the dump)"))
+            if _finite(sed["execution_rate"]):
+                lines.append(("  execution rate", fmt_pct(sed["execution_rate"])))
+        optional = [
+            ("  RVI max per iteration (mean)", fmt_num(sed["rvi_max_mean"])),
+            ("  PDI max per iteration (mean)", fmt_num(sed["pdi_max_mean"], 3) + " nats"),
+            ("  external return change (max)", fmt_num(sed["external_change_max"], 3)),
+            ("  LLM latency per iteration (mean)", fmt_s(sed["llm_latency_per_iteration_s"])),
+        ]
+        lines += [(k, v) for k, v in optional if not v.startswith("-")]  # only what this run has
+        lines += [
+            ("  alpha (mean over iterations)", fmt_num(sed["alpha_mean"], 3)),
+            ("  DTW (mean, map-scale units)", fmt_num(sed["dtw_mean"], 4)),
+        ]
+    return lines
+
+
+def render_kv(lines: Sequence[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in lines)
+
+
+# ---------------------------------------------------------------------------- comparison
+def compare_rows(
+    groups: Sequence[Group],
+    references: dict[str, dict[str, float]],
+    threshold: float | None,
+    window: int = FINAL_WINDOW,
+) -> list[dict[str, Any]]:
+    """One row per experiment group (mean/std over seeds) and one per reference policy."""
+    out: list[dict[str, Any]] = []
+    for g in groups:
+        row: dict[str, Any] = {"label": g.label, "algorithm": g.algorithm, "n_seeds": len(g.runs),
+                               "seeds": " ".join(str(s) for s in g.seeds), "agents": g.runs[0].total_agents,
+                               "reference": False}  # fmt: skip
+        for k in FINAL_METRICS:
+            row[f"{k}_mean"], row[f"{k}_std"], _ = mean_std([r.final(k, window) for r in g.runs])
+        row["iterations_mean"], _, _ = mean_std([float(r.n_iterations) for r in g.runs])
+        row["env_steps_mean"], _, _ = mean_std([last_finite(r.metrics.get("env_steps")) for r in g.runs])
+        row["wall_s_mean"], _, _ = mean_std([last_finite(r.metrics.get("wall_s")) for r in g.runs])
+        row["s_per_iteration_mean"], _, _ = mean_std([seconds_per_iteration(r) for r in g.runs])
+        if threshold is not None:
+            hits = [time_to_threshold(r, threshold, window) for r in g.runs]
+            row["steps_to_threshold_mean"], row["steps_to_threshold_std"], n = mean_std([h[0] for h in hits])
+            row["wall_to_threshold_mean"], row["wall_to_threshold_std"], _ = mean_std([h[1] for h in hits])
+            row["reached"] = f"{n}/{len(g.runs)}"
+        row["runs"] = ";".join(str(r.path) for r in g.runs)
+        out.append(row)
+    for policy, vals in references.items():
+        row = {"label": f"{policy} (reference)", "algorithm": policy, "n_seeds": None, "reference": True}
+        for k in FINAL_METRICS:
+            row[f"{k}_mean"], row[f"{k}_std"] = vals.get(k, math.nan), math.nan
+        out.append(row)
+    return out
+
+
+def _columns(threshold: float | None) -> list[tuple[str, str]]:
+    """(header, key) of the displayed columns."""
+    cols = [
+        ("run group", "label"),
+        ("seeds", "n_seeds"),
+        ("final travel time (s)", "mean_travel_time"),
+        ("final return", "mean_return"),
+        ("final arrival rate (%)", "arrival_rate"),
+    ]
+    if threshold is not None:
+        cols += [
+            (f"env steps to {threshold:g} s", "steps_to_threshold"),
+            (f"wall time to {threshold:g} s (s)", "wall_to_threshold"),
+            ("reached", "reached"),
+        ]
+    cols += [("iterations", "iterations_mean"), ("env steps", "env_steps_mean"), ("wall time (s)", "wall_s_mean")]
+    return cols
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    if key in FINAL_METRICS:
+        scale, digits = (100.0, 1) if key == "arrival_rate" else (1.0, 1 if key == "mean_travel_time" else 2)
+        return fmt_pm(row.get(f"{key}_mean", math.nan), row.get(f"{key}_std", math.nan), digits, scale)
+    if key in ("steps_to_threshold", "wall_to_threshold"):
+        return fmt_pm(row.get(f"{key}_mean", math.nan), row.get(f"{key}_std", math.nan), 0)
+    v = row.get(key)
+    if key in ("env_steps_mean", "iterations_mean", "wall_s_mean"):
+        return fmt_num(v, 0 if key != "wall_s_mean" else 1)
+    return "-" if v is None or v == "" else str(v)
+
+
+def to_markdown(
+    rows: Sequence[dict[str, Any]], threshold: float | None, bad: Sequence[str] = (), window: int = FINAL_WINDOW
+) -> str:
+    cols = _columns(threshold)
+    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r, k).replace("|", "\\|") for _, k in cols) + " |")
+    notes = [f"Final values: mean of the last {window} iterations per run, then mean ± std over seeds."]
+    if threshold is not None:
+        notes.append(f"Threshold: trailing {window}-iteration mean travel time <= {threshold:g} s "
+                     "(means over the seeds that reached it).")  # fmt: skip
+    notes += [f"Skipped (unreadable): {b}" for b in bad]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+CSV_FIELDS = [
+    *("label", "algorithm", "reference", "n_seeds", "seeds", "agents"),
+    *(f"{k}_{s}" for k in FINAL_METRICS for s in ("mean", "std")),
+    *(f"{k}_to_threshold_{s}" for k in ("steps", "wall") for s in ("mean", "std")),
+    *("reached", "iterations_mean", "env_steps_mean", "wall_s_mean", "s_per_iteration_mean", "runs"),
+]
+
+
+def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+                    for k, v in r.items()})  # fmt: skip
+    return buf.getvalue()
+
+
+def to_html(rows: Sequence[dict[str, Any]], threshold: float | None) -> str:
+    cols = _columns(threshold)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in cols)
+    body = []
+    for r in rows:
+        cls = ' class="ref"' if r.get("reference") else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for _, k in cols) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
