@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import subprocess
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,11 @@ def _progress(run_dir: Path, iterations_total: int | None) -> dict[str, Any]:
     h5 = run_dir / "trajectories.h5"
     if h5.exists():
         try:
-            with TrajectoryReader(h5) as r:
+            with warnings.catch_warnings():
+                # a live run always has an unfinished iteration: the reader's warning is expected here
+                warnings.simplefilter("ignore", RuntimeWarning)
+                r = TrajectoryReader(h5)
+            with r:
                 m = r.metrics()
                 out["iterations"] = len(m["iteration"])
                 if out["of"] is None:
