@@ -326,16 +326,29 @@ def cmd_serve_llm(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train RELED (oracle expert) on the shipped Helsinki map and print the travel-time trend
-    against the shortest-path and random references on the same scenarios."""
+    """Train the demo config (RELED with SED's LLM expert on the embedded CPU server) on the shipped
+    Helsinki map; print the travel-time trend against the shortest-path and random references on the
+    same scenarios, then what SED did (programs, execution rate, RVI/PDI, LLM latency) from the dump."""
     if args.policies_only:
         return cmd_demo_policies(args)
     from .train import load_config, reference_travel_time, train
 
+    t_start = time.perf_counter()
     cfg = load_config(args.config)
     cfg.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.algorithm != "reled" or cfg.hpo.expert == "none":
+        expert = "no expert"
+    elif cfg.hpo.expert == "llm":
+        where = cfg.llm.endpoint or "the embedded llama.cpp server on CPU"
+        expert = (
+            f"LLM expert {cfg.llm.model} on {where}: SED {cfg.sed.mode} mode, m={cfg.sed.m} subsets, up to "
+            f"{cfg.sed.r_max_rounds} rounds, a new scenario and refinement cycle every "
+            f"{cfg.hpo.scenario_period} iterations"
+        )
+    else:
+        expert = f"{cfg.hpo.oracle_policy} oracle expert"
     print(
-        f"reled-hpc {__version__} demo: training {cfg.algorithm} ({cfg.hpo.expert} expert) on {cfg.env.map} "
+        f"reled-hpc {__version__} demo: training {cfg.algorithm} ({expert}) on {cfg.env.map} "
         f"(© OpenStreetMap contributors), {cfg.dist.total_agents or cfg.env.n_agents * args.ranks} agents, "
         f"{cfg.env.traffic} traffic, "
         f"{cfg.iterations} iterations -> {cfg.runs_dir}/{cfg.name}"
@@ -375,7 +388,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  {cfg.algorithm} (last 5 iterations, sampling policy): {np.nanmean(tt[last5]):7.1f} s, "
         f"arrival {np.nanmean(ar[last5]):.1%}"
     )
+    if cfg.algorithm == "reled" and cfg.hpo.expert == "llm":
+        from .expert.summary import format_sed_summary, summarise_sed
+
+        print()
+        print("\n".join(format_sed_summary(summarise_sed(run_dir), cfg.sed)))
     print(f"run folder: {run_dir}  (HDF5 dump, checkpoints, TensorBoard: tensorboard --logdir {run_dir}/tb)")
+    print(f"demo wall time: {time.perf_counter() - t_start:.0f} s")
     return 0
 
 

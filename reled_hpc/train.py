@@ -41,7 +41,7 @@ EXTRA_METRICS = (
     "policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "decisions", "bg_mean_travel_time",
     "expert_travel_time", "expert_arrival_rate", "failed_rate", "update_s", "rollout_s", "expert_s",
     "mean_time_censored", "td_loss", "epsilon", "dtw_s", "comm_s", "comm_bytes", "write_s", "ranks", "rss_mb_max",
-    "external_change_max",
+    "external_change_max", "sed_cycle", "llm_cache_hits",
 )  # fmt: skip
 
 
@@ -55,6 +55,9 @@ class LLMConfig:
     n_ctx: int = 4096
     wait_s: float = 900.0  # bound on waiting for an endpoint file and its server
     timeout_s: float = 300.0  # per request
+    # keep temperature-0 answers on disk ($RELED_HPC_CACHE/llm_responses) and reuse them: a rerun or a
+    # resume that asks the same prompts gets the same answers without the model (and much faster)
+    cache: bool = True
 
     def validate(self, where: str = "llm") -> None:
         require(self.n_ctx >= 1024, f"{where}.n_ctx", "must be >= 1024 (plan prompts are ~2k tokens)")
@@ -188,7 +191,7 @@ def actor_seed(cfg: TrainConfig, iteration: int, rank: int) -> int:
 METRIC_KEYS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_travel_time", "mean_time_censored",
                "failed_rate", "expert_travel_time", "expert_arrival_rate", "env_steps", "decisions", "rollout_s",
                "expert_s", "dtw_s", "rss_mb", "execution_rate", "rvi_max", "pdi_max", "llm_latency_s",
-               "external_change_max")  # fmt: skip
+               "external_change_max", "sed_cycle", "llm_cache_hits")  # fmt: skip
 
 
 class Trainer:
@@ -231,6 +234,8 @@ class Trainer:
         elif cfg.algorithm == "reled" and cfg.hpo.expert == "llm":
             self.expert = self._make_llm_expert()
         self._programs: list[dict[str, Any]] = []
+        # scenario seed -> this rank's expert demonstration of it (see _expert_episode)
+        self._expert_cache: dict[int, _ExpertEntry] = {}
         self.start_iteration = 0
         self.env_steps = 0
         self.wall_s = 0.0
@@ -251,7 +256,7 @@ class Trainer:
         if self.root:
             if not llm.endpoint:
                 log.info("starting the embedded LLM server (%s)", llm.model)
-                self._llm_server = EmbeddedServer(llm.model, n_ctx=llm.n_ctx)
+                self._llm_server = EmbeddedServer(llm.model, n_ctx=llm.n_ctx, log_path=self.run_dir / "llm_server.log")
                 self._llm_server.__enter__()
                 ep = self._llm_server.endpoint
             elif llm.endpoint.startswith(("http://", "https://")):
@@ -260,7 +265,11 @@ class Trainer:
                 ep = wait_for_endpoint(llm.endpoint, timeout_s=llm.wait_s)
             log.info("SED LLM endpoint: %s (model %s, %s)", ep.base_url, ep.model, ep.backend)
         ep = self.comm.bcast_obj(ep)
-        return LLMExpert(ep.client(timeout_s=llm.timeout_s), self.cfg.sed, seed=self.cfg.seed * 1_009 + self.rank)
+        from .llm.cache import ResponseCache
+
+        cache = ResponseCache() if llm.cache else None
+        client = ep.client(timeout_s=llm.timeout_s, cache=cache)
+        return LLMExpert(client, self.cfg.sed, seed=self.cfg.seed * 1_009 + self.rank)
 
     def _policy_log_probs(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The current policy's log-probabilities at given states (for PDI/RVI)."""
@@ -354,18 +363,22 @@ class Trainer:
             steps += self.env.sim_steps
         agent = concat(batches)
         t1 = time.perf_counter()
-        expert, estats, dtw_s = None, [], 0.0
+        expert, estats, fresh, dtw_s = None, [], [], 0.0
         alpha = np.ones(self.n_agents, np.float32)
         dtw = np.full(self.n_agents, np.nan)
         if self.expert is not None:
             if hasattr(self.expert, "set_policy"):
                 self.expert.set_policy(self._policy_log_probs)
-            ebatches = []
+            ebatches, fresh = [], []
+            seeds = [scenario_seed(cfg, it, k, self.rank) for k in range(E)]
+            for seed in set(self._expert_cache) - set(seeds):  # bounded: the current scenario only
+                del self._expert_cache[seed]
             for k in range(E):
                 episode = (it * self.size + self.rank) * E + k
-                eb, st = self.expert.demonstrate(self.env, scenario_seed(cfg, it, k, self.rank), episode)
+                eb, st, new = self._expert_episode(it, seeds[k], episode)
                 ebatches.append(eb)
                 estats.append(st)
+                fresh.append(new)
             expert = concat(ebatches)
             t2 = time.perf_counter()
             # DTW on the rank that holds both trajectories
@@ -402,10 +415,10 @@ class Trainer:
             "expert_s": t3 - t1 - dtw_s,
             "dtw_s": dtw_s,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-            **_sed_stats(estats),
+            **_sed_stats(estats, fresh),
         }
-        for st in estats:
-            for row in st.get("programs", ()):
+        for st, new in zip(estats, fresh, strict=True):
+            for row in st.get("programs", ()) if new else ():  # a reused demonstration's programs are logged
                 self._programs.append({**row, "subset": int(row["subset"]) + 1000 * self.rank})
         log.debug(
             "rank %d iteration %d: %d decisions, %d expert decisions, obs checksum %.6f",
@@ -416,6 +429,75 @@ class Trainer:
             float(agent["obs"].sum()),
         )
         return agent, expert, alpha, dtw, np.array([vec[k] for k in METRIC_KEYS], np.float64)
+
+    def _expert_episode(self, it: int, seed: int, episode: int) -> tuple[Batch, dict[str, Any], bool]:
+        """The expert demonstration of scenario `seed`: computed the first time the scenario comes up,
+        then reused for the rest of its hpo.scenario_period (no new LLM cycle, no program logged again).
+        Returns (batch numbered as `episode`, stats, whether it was computed now).
+
+        An expert whose demonstration depends on the current policy (the LLM expert: PDI/RVI choose the
+        revisions and the accepted plan) also keeps the current scenario's entry in the run folder, so
+        a resume in the middle of a period reuses what the uninterrupted run would have reused, rather
+        than a demonstration recomputed against later weights. Policy-free experts (the oracle) are
+        simply recomputed after a resume: same scenario, same demonstration."""
+        entry = self._expert_cache.get(seed)
+        if entry is None and self._expert_persisted:
+            entry = self._load_expert_entry(seed)
+        new = entry is None
+        if entry is None:
+            batch, stats = self.expert.demonstrate(self.env, seed, episode)
+            entry = _ExpertEntry(it, batch, stats)
+            if self._expert_persisted:
+                self._save_expert_entries({**self._expert_cache, seed: entry})
+        self._expert_cache[seed] = entry
+        batch = dict(entry.batch)  # the caller renumbers agent ids: never hand out the cached arrays
+        batch["episode"] = np.full(len(batch["action"]), episode, batch["episode"].dtype)
+        return batch, entry.stats, new
+
+    @property
+    def _expert_persisted(self) -> bool:
+        return self.cfg.hpo.scenario_period > 1 and hasattr(self.expert, "set_policy")
+
+    def _expert_file(self) -> Path:
+        return self.run_dir / "expert_cache" / f"rank{self.rank:05d}.pkl"
+
+    def _expert_key(self) -> str:
+        """What an entry must match to be reused: the scenario's inputs and this rank's share of agents."""
+        c = self.cfg
+        parts = (c.seed, to_dict(c.env), to_dict(c.hpo), to_dict(c.sed), c.llm.model, self.rank, self.size,
+                 self.n_agents, self.agent_offset)  # fmt: skip
+        return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+    def _save_expert_entries(self, entries: dict[int, _ExpertEntry]) -> None:
+        import pickle
+
+        path = self._expert_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump({"key": self._expert_key(), "entries": entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+
+    def _load_expert_entry(self, seed: int) -> _ExpertEntry | None:
+        """The persisted entry of `seed`, if its iteration is committed (before start_iteration): one
+        computed in an iteration that is being redone is recomputed, as that iteration is."""
+        import pickle
+
+        path = self._expert_file()
+        try:
+            with open(path, "rb") as f:
+                data = pickle.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError) as exc:
+            log.warning("ignoring unreadable expert cache %s (%s): recomputing", path, exc)
+            return None
+        entry = data.get("entries", {}).get(seed) if data.get("key") == self._expert_key() else None
+        if entry is None or entry.iteration >= self.start_iteration:
+            return None
+        log.info("rank %d: reusing the expert demonstration of iteration %d (scenario %d)", self.rank,
+                 entry.iteration, seed)  # fmt: skip
+        return entry
 
     def iteration(self, it: int) -> dict[str, float] | None:
         """One iteration on every rank; returns the metrics row on rank 0 (None elsewhere)."""
@@ -466,6 +548,8 @@ class Trainer:
             "execution_rate": mean("execution_rate"),
             "llm_latency_s": _nanmax(per["llm_latency_s"]),  # ranks ask in parallel: the slowest
             "external_change_max": _nanmax(per["external_change_max"]),
+            "sed_cycle": _nanmax(per["sed_cycle"]),  # 1: a SED cycle ran this iteration, 0: demonstrations reused
+            "llm_cache_hits": _nansum(per["llm_cache_hits"]),
             "decisions": float(per["decisions"].sum()),
             **{
                 k: mean(k)
@@ -563,21 +647,45 @@ class Trainer:
             self.tb.close()
 
 
+@dataclass
+class _ExpertEntry:
+    """A rank's expert demonstration of one scenario: the iteration that computed it, its rows, its stats."""
+
+    iteration: int
+    batch: Batch
+    stats: dict[str, Any]
+
+
 def _nanmax(values: np.ndarray) -> float:
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
     return float(v.max()) if len(v) else float("nan")
 
 
-def _sed_stats(estats: list[dict[str, Any]]) -> dict[str, float]:
-    """SED figures of a rank's expert episodes (NaN for oracle experts)."""
+def _nansum(values: np.ndarray) -> float:
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.sum()) if len(v) else float("nan")
+
+
+SED_KEYS = ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s", "external_change_max", "sed_cycle",
+            "llm_cache_hits")  # fmt: skip
+
+
+def _sed_stats(estats: list[dict[str, Any]], fresh: list[bool] | None = None) -> dict[str, float]:
+    """SED figures of a rank's expert episodes: NaN for oracle experts, and NaN (with sed_cycle 0) in an
+    iteration that reuses its scenario's demonstrations, so that means over iterations count each
+    cycle once. `fresh[i]`: episode i's demonstration was computed in this iteration."""
+    fresh = [True] * len(estats) if fresh is None else fresh
+    if not estats or "execution_rate" not in estats[0]:
+        return dict.fromkeys(SED_KEYS, float("nan"))
+    now = [s for s, f in zip(estats, fresh, strict=True) if f]
+    if not now:
+        return {**dict.fromkeys(SED_KEYS, float("nan")), "sed_cycle": 0.0, "llm_cache_hits": 0.0}
 
     def vals(key: str) -> np.ndarray:
-        return np.array([float(s.get(key, np.nan)) for s in estats], np.float64)
+        return np.array([float(s.get(key, np.nan)) for s in now], np.float64)
 
-    if not estats or "execution_rate" not in estats[0]:
-        keys = ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s", "external_change_max")
-        return dict.fromkeys(keys, float("nan"))
     er = vals("execution_rate")
     return {
         "execution_rate": float(np.nanmean(er)) if np.isfinite(er).any() else float("nan"),
@@ -586,6 +694,8 @@ def _sed_stats(estats: list[dict[str, Any]]) -> dict[str, float]:
         "llm_latency_s": float(np.nansum(vals("llm_latency_s"))),
         # measured |mean return change| of agents outside a subset, in RVI's units (RVI bounds it)
         "external_change_max": _nanmax(vals("measured_external_change")),
+        "sed_cycle": 1.0,
+        "llm_cache_hits": float(np.nansum(vals("cache_hits"))),
     }
 
 

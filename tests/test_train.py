@@ -197,3 +197,69 @@ def test_sigkill_leaves_readable_dump_and_resume_recovers(tmp_path, grid):
     train(None, resume=run_dir, overrides={"iterations": ckpt + 3})  # type: ignore[arg-type]
     with TrajectoryReader(run_dir / "trajectories.h5") as r:
         assert list(r.metrics()["iteration"].astype(int)) == list(range(ckpt + 3))
+
+
+# ---- expert demonstrations cached per scenario (hpo.scenario_period) ------------------------------------
+def test_expert_called_once_per_scenario_and_rows_in_every_iteration(tmp_path, grid, monkeypatch):
+    from reled_hpc.expert import oracle
+
+    calls: list[int] = []
+
+    class CountingOracle(oracle.OracleExpert):
+        def demonstrate(self, env, seed, episode):
+            calls.append(seed)
+            return super().demonstrate(env, seed, episode)
+
+    monkeypatch.setattr(oracle, "OracleExpert", CountingOracle)
+    d = _cfg_dict(tmp_path, "reled", iterations=7, checkpoint_every=7, hpo={"scenario_period": 3})
+    cfg = load_config(_write_cfg(tmp_path, d))
+    run_dir, _ = train(cfg)
+    # periods {0,1,2}, {3,4,5}, {6}, 2 episodes each: one demonstration per scenario
+    expected = [scenario_seed(cfg, it, k) for it in (0, 3, 6) for k in range(2)]
+    assert calls == expected and len(set(calls)) == 6
+    with TrajectoryReader(run_dir / "trajectories.h5") as r:
+        m = r.metrics()
+        ex = r.read("expert", columns=["iteration", "episode", "agent_id", "action"])
+        assert np.all(np.isnan(m["sed_cycle"]))  # no LLM: no SED cycle to count
+        assert set(np.unique(ex["iteration"])) == set(range(7))  # the reused demonstration is in every iteration
+        for it in range(7):
+            rows = ex["iteration"] == it
+            assert set(np.unique(ex["episode"][rows])) == {2 * it, 2 * it + 1}  # numbered as this iteration's
+            first = ex["iteration"] == it - it % 3  # the iteration that computed it
+            assert np.array_equal(ex["action"][rows], ex["action"][first])
+            assert np.array_equal(ex["agent_id"][rows], ex["agent_id"][first])
+    assert not (run_dir / "expert_cache").exists()  # the oracle is recomputed after a resume, not stored
+
+
+def test_resume_mid_period_reproduces_an_uninterrupted_run(tmp_path, grid):
+    """scenario_period 3, oracle expert: 2 iterations + resume to 5 (the cache starts empty at iteration
+    2, in the middle of the first period) == 5 iterations straight."""
+    kw = {"algorithm": "reled", "hpo": {"scenario_period": 3}}
+    straight, _ = train(_write_cfg(tmp_path, {**_cfg_dict(tmp_path, "reled", 5), **kw, "name": "straight"}))
+    split, _ = train(_write_cfg(tmp_path, {**_cfg_dict(tmp_path, "reled", 2), **kw, "name": "split"}))
+    train(None, resume=split, overrides={"iterations": 5})  # type: ignore[arg-type]
+    with TrajectoryReader(straight / "trajectories.h5") as a, TrajectoryReader(split / "trajectories.h5") as b:
+        ma, mb = a.metrics(), b.metrics()
+        assert list(mb["iteration"].astype(int)) == list(range(5))
+        for k in ("mean_return", "mean_travel_time", "alpha_mean", "dtw_mean", "bc_nll", "expert_travel_time"):
+            assert np.allclose(ma[k], mb[k], equal_nan=True), k
+        for group in ("agent", "expert"):
+            cols = ["iteration", "episode", "agent_id", "action", "obs"]
+            ra, rb = a.read(group, columns=cols), b.read(group, columns=cols)
+            for c in cols:
+                assert np.array_equal(ra[c], rb[c]), (group, c)
+
+
+def test_sed_metrics_of_a_reused_demonstration_are_nan():
+    from reled_hpc.train import _sed_stats
+
+    st = {"execution_rate": 0.5, "rvi_max": 300.0, "pdi_max": 0.9, "llm_latency_s": 40.0, "cache_hits": 1,
+          "measured_external_change": 0.01}  # fmt: skip
+    now = _sed_stats([st, st], [True, False])
+    assert now["sed_cycle"] == 1.0 and now["execution_rate"] == 0.5 and now["llm_latency_s"] == 40.0
+    assert now["llm_cache_hits"] == 1.0
+    again = _sed_stats([st, st], [False, False])
+    assert again["sed_cycle"] == 0.0 and again["llm_cache_hits"] == 0.0
+    assert all(np.isnan(again[k]) for k in ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s"))
+    oracle = _sed_stats([{"expert_travel_time": 100.0}], [True])
+    assert all(np.isnan(v) for v in oracle.values())

@@ -48,7 +48,10 @@ FALLBACK_POLICIES = ("shortest_path", "fastest_path")
 class SEDConfig:
     m: int = 2  # subsets per cycle
     mode: Literal["code", "json"] = "code"
-    tau_R: float = 1.0  # RVI threshold, in RVI's own (normalised) units
+    # RVI threshold, in RVI's own units: rvi_at_uniform_kl(0.25, 5, 0.99), i.e. the RVI of a 5-agent subset
+    # (the demo's: 10 agents per rank, m = 2) whose every agent is at max KL 0.25 nats from the policy.
+    # RVI grows with the subset: scale it by |S_k| / 5 for other sizes (docs/sed.md, "Thresholds").
+    tau_R: float = 350.0
     tau_P: float = 0.5  # PDI threshold (nats)
     r_max_rounds: int = 3  # R_max: rounds per cycle, round 1 included
     eps: float = 0.1  # expert smoothing: pi^e = (1-eps) onehot + eps uniform
@@ -229,6 +232,7 @@ class LLMExpert:
         error = ""
         latencies: list[float] = []
         tokens = [0, 0]
+        cache_hits = 0
         rounds = 0
         drive: tuple[Batch, dict[str, Any], list[bool], dict[str, list[int]]] | None = None
         for rnd in range(1, cfg.r_max_rounds + 1):
@@ -246,6 +250,7 @@ class LLMExpert:
                     latencies.append(plan.completion.latency_s)
                     tokens[0] += plan.completion.prompt_tokens
                     tokens[1] += plan.completion.completion_tokens
+                    cache_hits += int(plan.completion.cached)
                     results.append(plan.result)  # generated programs only: a failed request generated none
                 last[k] = plan
             # one drive scores every subset's current plan (each subset from its own rows)
@@ -289,6 +294,7 @@ class LLMExpert:
             "prompt_tokens": tokens[0],
             "completion_tokens": tokens[1],
             "tokens": tokens[0] + tokens[1],
+            "cache_hits": cache_hits,  # answers from the client's response cache (no model call)
             "rounds": rounds,
             "subsets": len(subsets),
             "expert_agents": sum(len(r) for r in final_routes),

@@ -205,9 +205,29 @@ def default_threads() -> int:
     return max(1, cores // 2)
 
 
+PROMPT_CACHE_MB = 2048  # llama_cpp.server's RAM prompt cache (its own default size)
+
+
 def embedded_command(
-    gguf: Path, alias: str, host: str, port: int, *, n_ctx: int = 4096, n_threads: int | None = None
+    gguf: Path,
+    alias: str,
+    host: str,
+    port: int,
+    *,
+    n_ctx: int = 4096,
+    n_threads: int | None = None,
+    prompt_cache_mb: int = PROMPT_CACHE_MB,
 ) -> list[str]:
+    """The llama_cpp.server command. With `prompt_cache_mb` > 0 the server keeps the model state after
+    each answer (RAM cache, LRU) and starts a request from the stored state with the longest common
+    prefix: a SED revision repeats its subset's round-1 prompt (~1900 tokens) before the feedback, so
+    it evaluates only the feedback (~370 tokens) even when other subsets' requests came in between
+    (without it only the last request's prefix is reused). `--logits_all false` keeps logits of the last
+    token only: nothing here asks for logprobs, and all-token logits (n_ctx x vocab floats, 2.5 GB for
+    Qwen2.5) would make every stored state that large."""
+    cache = ["--logits_all", "false"]
+    if prompt_cache_mb > 0:
+        cache += ["--cache", "true", "--cache_type", "ram", "--cache_size", str(int(prompt_cache_mb) << 20)]
     return [
         sys.executable,
         "-m",
@@ -224,6 +244,7 @@ def embedded_command(
         str(n_ctx),
         "--n_threads",
         str(n_threads or default_threads()),
+        *cache,
     ]
 
 
@@ -433,12 +454,15 @@ class EmbeddedServer(ManagedServer):
         alias: str | None = None,
         ready_timeout_s: float = 120.0,
         log_path: Path | None = None,
+        prompt_cache_mb: int = PROMPT_CACHE_MB,
     ):
         check_embedded()
         gguf = resolve_model(model)
         name = alias or (str(model) if str(model) in MODELS else gguf.stem)
         port = port or free_port(host)
-        cmd = embedded_command(gguf, name, host, port, n_ctx=n_ctx, n_threads=n_threads)
+        cmd = embedded_command(
+            gguf, name, host, port, n_ctx=n_ctx, n_threads=n_threads, prompt_cache_mb=prompt_cache_mb
+        )
         ep = Endpoint(base_url=f"http://{_public_host(host)}:{port}/v1", model=name, backend="embedded", host=host)
         super().__init__(cmd, ep, label="llama.cpp server", ready_timeout_s=ready_timeout_s, log_path=log_path)
         self.gguf = gguf
