@@ -669,6 +669,8 @@ def read_references(path: str | Path) -> dict[str, dict[str, float]]:
         raise ReledError(f"{p}: expected an object of policies, e.g. {{'shortest_path': {{'mean_travel_time': 300}}}}")
     out: dict[str, dict[str, float]] = {}
     for policy, vals in data.items():
+        if policy.startswith("_"):  # metadata (e.g. _meta from `reled-hpc references`), not a policy
+            continue
         if not isinstance(vals, dict):
             raise ReledError(f"{p}: {policy!r} must map metric names to numbers, got {type(vals).__name__}")
         try:

@@ -291,7 +291,7 @@ def test_references_on_a_sweeps_scenarios(tmp_path):
     sweep = Path(rec["sweep_dir"])
     out = sweep_references(sweep, ("shortest_path",), last=1)
     saved = json.loads((sweep / "references.json").read_text())
-    assert saved == out and out["groups"] == 2  # ippo and mappo share the scenarios of each seed
+    assert saved == out and out["_meta"]["scenario_groups"] == 2  # ippo and mappo share the scenarios of each seed
     # the mean over both seeds' groups of what each group's runs see in their last iteration
     per_seed = [reference_travel_time(load_config(sweep / f"configs/ippo-seed{s}.yaml"), "shortest_path", last=1)
                 for s in (0, 1)]  # fmt: skip

@@ -54,12 +54,11 @@ def sweep_references(sweep_dir: Path | str, policies: tuple[str, ...] = POLICIES
     for t in rec["tasks"]:
         cfg = load_config(sweep_dir / "configs" / f"{t['name']}.yaml")
         groups.setdefault(_scenario_key(cfg, ranks), cfg)
-    out: dict[str, Any] = {"last_iterations": last, "groups": len(groups), "policies": {}}
+    out: dict[str, Any] = {"_meta": {"last_iterations": last, "scenario_groups": len(groups), "ranks": ranks}}
     t0 = time.perf_counter()
     for p in policies:
         per = [reference_travel_time(cfg, p, last=last, ranks=ranks) for cfg in groups.values()]
         out[p] = {k: _mean([m[k] for m in per]) for k in per[0]}
         log.info("%s: %s (%d scenario groups, %.0f s so far)", p, out[p], len(groups), time.perf_counter() - t0)
-    del out["policies"]
     (sweep_dir / REFERENCES_FILE).write_text(json.dumps(out, indent=1))
     return out
