@@ -167,6 +167,7 @@ def test_timeout_signal_requeues_and_resumes_the_same_dump(slurm_cluster, cli, t
     assert "stopped by SIGTERM" in log and "resuming" in log  # finished its iteration, checkpointed
     st = _status(cli, run)
     assert st["runs"][0]["requeues"] == 1 and st["runs"][0]["iterations"] == 8
+    print("requeue record:", history, "\n" + "\n".join(ln for ln in log.splitlines() if "it " in ln or "resum" in ln))
 
 
 @pytest.mark.slurm
