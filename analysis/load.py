@@ -646,10 +646,12 @@ def group_runs(runs: Sequence[RunData], ignore: Iterable[str] = ()) -> list[Grou
         by_algo.setdefault(g.algorithm, []).append(g)
     for algo, gs in by_algo.items():
         keys = sorted({k for g in gs for k in g.key})
-        varying = [k for k in keys if len({repr(g.key.get(k)) for g in gs}) > 1]
+        # a key that only some groups have (None elsewhere, e.g. sed.* without an LLM expert) does
+        # not tell them apart: label with keys whose present values differ
+        varying = [k for k in keys if len({repr(g.key.get(k)) for g in gs if g.key.get(k) is not None}) > 1]
         varying.sort(key=lambda k: (LABEL_ORDER.index(k) if k in LABEL_ORDER else len(LABEL_ORDER), k))
         for g in gs:
-            parts = [f"{_short(k)}={g.key.get(k)}" for k in varying if k != "algorithm"]
+            parts = [f"{_short(k)}={g.key.get(k)}" for k in varying if k != "algorithm" and g.key.get(k) is not None]
             g.label = f"{algo} ({', '.join(parts)})" if parts else algo
     groups.sort(key=lambda g: g.label)
     return groups
