@@ -130,7 +130,9 @@ def collect(path: Path | str) -> dict[str, Any]:
     rows = []
     for name, jid, run_dir, planned in items:
         a = acct.get(jid)
-        state = (a["State"] if a else "UNKNOWN") if slurm else _local_state(folder, jid)
+        # sacct lists pending array tasks as a range; a task that is in neither form was cancelled
+        # (or removed) before it ever started
+        state = (a["State"] if a else "NEVER_RAN") if slurm else _local_state(folder, jid)
         its = planned
         cfg = run_dir / "config.yaml"
         if cfg.exists():
