@@ -132,7 +132,8 @@ def collect(path: Path | str) -> dict[str, Any]:
         a = acct.get(jid)
         # sacct lists pending array tasks as a range; a task that is in neither form was cancelled
         # (or removed) before it ever started
-        state = (a["State"] if a else "NEVER_RAN") if slurm else _local_state(folder, jid)
+        missing = "NEVER_RAN" if "_" in jid else "UNKNOWN"  # a fresh plain job may lag in sacct
+        state = (a["State"] if a else missing) if slurm else _local_state(folder, jid)
         its = planned
         cfg = run_dir / "config.yaml"
         if cfg.exists():
