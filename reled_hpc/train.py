@@ -662,6 +662,12 @@ def _nanmax(values: np.ndarray) -> float:
     return float(v.max()) if len(v) else float("nan")
 
 
+def _nanmean(values: np.ndarray) -> float:
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
 def _nansum(values: np.ndarray) -> float:
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
@@ -768,4 +774,4 @@ def reference_travel_time(cfg: TrainConfig, policy: str, last: int = 5, ranks: i
         with NavigationEnv(dataclasses.replace(cfg.env, n_agents=n)) as env:
             ms += [run_episode(env, make_policy(policy, cfg.seed), seed=s) for s in seeds]
     keys = ("mean_travel_time", "arrival_rate", "mean_return", "mean_time_censored")
-    return {k: float(np.nanmean([m[k] for m in ms])) for k in keys}
+    return {k: _nanmean(np.array([m[k] for m in ms], np.float64)) for k in keys}  # NaN: nobody arrived
