@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from reled_hpc.finite import finite_stat
+
 from .load import Dump, RunData
 
 FINAL_WINDOW = 5  # "final" = mean of the last 5 committed iterations
@@ -144,12 +146,6 @@ def refinement_pairs(progs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
 
-def _nanstat(v: np.ndarray, fn: Any) -> float:
-    v = np.asarray(v, np.float64)
-    v = v[np.isfinite(v)]
-    return float(fn(v)) if v.size else math.nan
-
-
 def sed_stats(run: RunData, progs: dict[str, np.ndarray]) -> dict[str, Any]:
     """SED figures of a run: programs, execution rate, RVI/PDI before and after refinement, LLM cost."""
     n = len(progs["iteration"])
@@ -162,26 +158,26 @@ def sed_stats(run: RunData, progs: dict[str, np.ndarray]) -> dict[str, Any]:
             executed=int(np.sum(progs["executed"])),
             execution_rate=float(np.mean(progs["executed"])),
             subset_cycles=len(pairs["iteration"]),
-            rounds_mean=_nanstat(pairs["rounds"], np.mean),
-            rvi_before_mean=_nanstat(pairs["rvi0"], np.mean),
-            rvi_before_max=_nanstat(pairs["rvi0"], np.max),
-            rvi_after_mean=_nanstat(pairs["rvi"], np.mean),
-            rvi_after_max=_nanstat(pairs["rvi"], np.max),
-            pdi_before_mean=_nanstat(pairs["pdi0"], np.mean),
-            pdi_before_max=_nanstat(pairs["pdi0"], np.max),
-            pdi_after_mean=_nanstat(pairs["pdi"], np.mean),
-            pdi_after_max=_nanstat(pairs["pdi"], np.max),
-            llm_latency_mean_s=_nanstat(lat, np.mean),
+            rounds_mean=finite_stat(pairs["rounds"], np.mean),
+            rvi_before_mean=finite_stat(pairs["rvi0"], np.mean),
+            rvi_before_max=finite_stat(pairs["rvi0"], np.max),
+            rvi_after_mean=finite_stat(pairs["rvi"], np.mean),
+            rvi_after_max=finite_stat(pairs["rvi"], np.max),
+            pdi_before_mean=finite_stat(pairs["pdi0"], np.mean),
+            pdi_before_max=finite_stat(pairs["pdi0"], np.max),
+            pdi_after_mean=finite_stat(pairs["pdi"], np.mean),
+            pdi_after_max=finite_stat(pairs["pdi"], np.max),
+            llm_latency_mean_s=finite_stat(lat, np.mean),
             prompt_tokens=int(pt[pt >= 0].sum()),
             completion_tokens=int(ct[ct >= 0].sum()),
         )
     # per-iteration metrics: also present for runs whose programs are not in the dump
     for key, name in (("rvi_max", "rvi_max_mean"), ("pdi_max", "pdi_max_mean"), ("alpha_mean", "alpha_mean"),
                       ("dtw_mean", "dtw_mean"), ("llm_latency_s", "llm_latency_per_iteration_s")):  # fmt: skip
-        out[name] = _nanstat(run.metric(key), np.mean)
+        out[name] = finite_stat(run.metric(key), np.mean)
     if "execution_rate" not in out:
-        out["execution_rate"] = _nanstat(run.metric("execution_rate"), np.mean)
-    out["external_change_max"] = _nanstat(run.metric("external_change_max"), np.max)
+        out["execution_rate"] = finite_stat(run.metric("execution_rate"), np.mean)
+    out["external_change_max"] = finite_stat(run.metric("external_change_max"), np.max)
     return out
 
 
@@ -194,6 +190,6 @@ def first_round_by_iteration(progs: dict[str, np.ndarray]) -> dict[str, np.ndarr
     out = {"iteration": its, "rvi0": np.empty(len(its)), "pdi0": np.empty(len(its))}
     for j, it in enumerate(its):
         sel = pairs["iteration"] == it
-        out["rvi0"][j] = _nanstat(pairs["rvi0"][sel], np.max)
-        out["pdi0"][j] = _nanstat(pairs["pdi0"][sel], np.max)
+        out["rvi0"][j] = finite_stat(pairs["rvi0"][sel], np.max)
+        out["pdi0"][j] = finite_stat(pairs["pdi0"][sel], np.max)
     return out

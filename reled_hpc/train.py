@@ -30,6 +30,7 @@ from .config import from_dict, load_yaml, require, to_dict
 from .env import EnvConfig, NavigationEnv
 from .errors import ConfigError, ReledError
 from .expert.llm_expert import SEDConfig
+from .finite import finite_max, finite_mean, finite_sum
 from .learn.ppo import PPOConfig, PPOLearner
 from .learn.qmix import QMIXConfig, QMIXLearner
 from .learn.rollout import Batch, collect_episode, concat
@@ -543,13 +544,13 @@ class Trainer:
             "arrival_rate": mean("arrival_rate"),
             "alpha_mean": float(np.mean(alpha_all)) if alpha_all is not None else float("nan"),
             "dtw_mean": float(np.nanmean(dtw_all)) if np.isfinite(dtw_all).any() else float("nan"),
-            "rvi_max": _nanmax(per["rvi_max"]),
-            "pdi_max": _nanmax(per["pdi_max"]),
+            "rvi_max": finite_max(per["rvi_max"]),
+            "pdi_max": finite_max(per["pdi_max"]),
             "execution_rate": mean("execution_rate"),
-            "llm_latency_s": _nanmax(per["llm_latency_s"]),  # ranks ask in parallel: the slowest
-            "external_change_max": _nanmax(per["external_change_max"]),
-            "sed_cycle": _nanmax(per["sed_cycle"]),  # 1: a SED cycle ran this iteration, 0: demonstrations reused
-            "llm_cache_hits": _nansum(per["llm_cache_hits"]),
+            "llm_latency_s": finite_max(per["llm_latency_s"]),  # ranks ask in parallel: the slowest
+            "external_change_max": finite_max(per["external_change_max"]),
+            "sed_cycle": finite_max(per["sed_cycle"]),  # 1: a SED cycle ran this iteration, 0: demonstrations reused
+            "llm_cache_hits": finite_sum(per["llm_cache_hits"]),
             "decisions": float(per["decisions"].sum()),
             **{
                 k: mean(k)
@@ -656,24 +657,6 @@ class _ExpertEntry:
     stats: dict[str, Any]
 
 
-def _nanmax(values: np.ndarray) -> float:
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    return float(v.max()) if len(v) else float("nan")
-
-
-def _nanmean(values: np.ndarray) -> float:
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if len(v) else float("nan")
-
-
-def _nansum(values: np.ndarray) -> float:
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    return float(v.sum()) if len(v) else float("nan")
-
-
 SED_KEYS = ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s", "external_change_max", "sed_cycle",
             "llm_cache_hits")  # fmt: skip
 
@@ -695,11 +678,11 @@ def _sed_stats(estats: list[dict[str, Any]], fresh: list[bool] | None = None) ->
     er = vals("execution_rate")
     return {
         "execution_rate": float(np.nanmean(er)) if np.isfinite(er).any() else float("nan"),
-        "rvi_max": _nanmax(vals("rvi_max")),
-        "pdi_max": _nanmax(vals("pdi_max")),
+        "rvi_max": finite_max(vals("rvi_max")),
+        "pdi_max": finite_max(vals("pdi_max")),
         "llm_latency_s": float(np.nansum(vals("llm_latency_s"))),
         # measured |mean return change| of agents outside a subset, in RVI's units (RVI bounds it)
-        "external_change_max": _nanmax(vals("measured_external_change")),
+        "external_change_max": finite_max(vals("measured_external_change")),
         "sed_cycle": 1.0,
         "llm_cache_hits": float(np.nansum(vals("cache_hits"))),
     }
@@ -774,4 +757,4 @@ def reference_travel_time(cfg: TrainConfig, policy: str, last: int = 5, ranks: i
         with NavigationEnv(dataclasses.replace(cfg.env, n_agents=n)) as env:
             ms += [run_episode(env, make_policy(policy, cfg.seed), seed=s) for s in seeds]
     keys = ("mean_travel_time", "arrival_rate", "mean_return", "mean_time_censored")
-    return {k: _nanmean(np.array([m[k] for m in ms], np.float64)) for k in keys}  # NaN: nobody arrived
+    return {k: finite_mean(np.array([m[k] for m in ms], np.float64)) for k in keys}  # NaN: nobody arrived

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import require
 from ..env import NavigationEnv
+from ..finite import finite_max
 from ..learn.rollout import Actor, Batch, collect_episode
 from ..llm import LLMError, LLMUnavailable
 from ..llm.client import Completion, LLMClient, Request
@@ -284,10 +285,10 @@ class LLMExpert:
             "execution_rate": sum(r.executed for r in results) / len(results) if results else 0.0,
             "programs_generated": len(results),
             "programs_executed": sum(r.executed for r in results),
-            "rvi_max": _nanmax([p.rvi for p in accepted]),
-            "pdi_max": _nanmax([p.pdi for p in accepted]),
-            "rvi_max_round1": _nanmax([p.rvi for p in round1]),
-            "pdi_max_round1": _nanmax([p.pdi for p in round1]),
+            "rvi_max": finite_max([p.rvi for p in accepted]),
+            "pdi_max": finite_max([p.pdi for p in accepted]),
+            "rvi_max_round1": finite_max([p.rvi for p in round1]),
+            "pdi_max_round1": finite_max([p.pdi for p in round1]),
             "measured_external_change": self._external_change(env, seed, episode, subsets, best),
             "llm_latency_s": float(sum(latencies)),  # summed over this cycle's requests
             "llm_latency_mean_s": float(np.mean(latencies)) if latencies else math.nan,
@@ -370,7 +371,7 @@ class LLMExpert:
                 continue
             outside = np.array([a not in set(sub) for a in order])
             changes.append(measured_external_change(base, returns(plan.routes), outside, scale).normalised)
-        return _nanmax(changes)
+        return finite_max(changes)
 
     def _drive(
         self, env: NavigationEnv, seed: int, episode: int, routes: list[dict[str, list[str]]]
@@ -456,8 +457,3 @@ class LLMExpert:
             "prompt_tokens": int(c.prompt_tokens) if c is not None else -1,
             "completion_tokens": int(c.completion_tokens) if c is not None else -1,
         }
-
-
-def _nanmax(values: list[float]) -> float:
-    v = [x for x in values if math.isfinite(x)]
-    return max(v) if v else math.nan

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ..finite import finite_max, finite_mean
+
 # program rows of rank r carry subset + RANK_STRIDE * r (train.py logs them so)
 RANK_STRIDE = 1000
 
@@ -50,14 +52,7 @@ class SEDSummary:
         return self.executed / self.generated if self.generated else math.nan
 
     def mean(self, key: str) -> float:
-        v = np.array([getattr(r, key) for r in self.rows], np.float64)
-        v = v[np.isfinite(v)]
-        return float(v.mean()) if len(v) else math.nan
-
-
-def _max(v: np.ndarray) -> float:
-    v = v[np.isfinite(v)]
-    return float(v.max()) if len(v) else math.nan
+        return finite_mean([getattr(r, key) for r in self.rows])
 
 
 def summarise_sed(path: str | Path) -> SEDSummary:
@@ -112,9 +107,9 @@ def summarise_sed(path: str | Path) -> SEDSummary:
                 generated=int((sel & answered).sum()),
                 executed=int((sel & answered & executed).sum()),
                 rounds=int(p["round"][sel].max()),
-                rvi_round1=_max(p["rvi"][r1]),
+                rvi_round1=finite_max(p["rvi"][r1]),
                 rvi_accepted=metric("rvi_max", it),
-                pdi_round1=_max(p["pdi"][r1]),
+                pdi_round1=finite_max(p["pdi"][r1]),
                 pdi_accepted=metric("pdi_max", it),
                 external_change=metric("external_change_max", it),
             )

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import ReledError
+from ..finite import finite_mean
 from .sweep import SWEEP_FILE
 
 log = logging.getLogger("reled_hpc.launch")
@@ -31,12 +30,6 @@ def _scenario_key(cfg: Any, ranks: int) -> str:
         [cfg.seed, env, cfg.dist.total_agents, cfg.iterations, cfg.episodes_per_iteration,
          cfg.hpo.scenario_period, ranks], sort_keys=True, default=str,
     )  # fmt: skip
-
-
-def _mean(values: list[float]) -> float:
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if len(v) else float("nan")  # NaN: e.g. no random-policy agent arrived
 
 
 def sweep_references(sweep_dir: Path | str, policies: tuple[str, ...] = POLICIES, last: int = 5) -> dict[str, Any]:
@@ -58,7 +51,7 @@ def sweep_references(sweep_dir: Path | str, policies: tuple[str, ...] = POLICIES
     t0 = time.perf_counter()
     for p in policies:
         per = [reference_travel_time(cfg, p, last=last, ranks=ranks) for cfg in groups.values()]
-        out[p] = {k: _mean([m[k] for m in per]) for k in per[0]}
+        out[p] = {k: finite_mean([m[k] for m in per]) for k in per[0]}  # NaN: e.g. no random agent arrived
         log.info("%s: %s (%d scenario groups, %.0f s so far)", p, out[p], len(groups), time.perf_counter() - t0)
     (sweep_dir / REFERENCES_FILE).write_text(json.dumps(out, indent=1))
     return out
