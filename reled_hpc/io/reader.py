@@ -69,11 +69,15 @@ def _lookup3(data: bytes, initval: int = 0) -> int:
 
 
 def clear_status_flags(path: str | Path) -> None:
-    """Clear the 'open for (SWMR) write' flags a killed writer leaves in the superblock (as h5clear -s).
+    """Make a killed SWMR writer's file openable without SWMR, as `h5clear -s -i` does.
 
-    Also extends the file to the end-of-address the superblock records, as h5clear -i does, since a
-    killed SWMR writer may have recorded space it had not written yet. Refuses any superblock whose
-    checksum does not verify, so only an intact v2/v3 superblock at offset 0 is ever changed.
+    Two things are fixed in the superblock: the 'open for (SWMR) write' flags are cleared, and the
+    end-of-address (EOA) is raised to the file's size. A SWMR writer does not keep the superblock's
+    EOA in step with its allocations (SWMR readers ignore it), so after a kill the index may point to
+    chunks beyond the recorded EOA, which a non-SWMR open refuses ("addr overflow"), committed rows
+    of a rewritten partial chunk included. A file shorter than its EOA is extended to it. Refuses any
+    superblock whose checksum does not verify, so only an intact v2/v3 superblock at offset 0 is
+    ever changed.
     """
     path = Path(path)
     with open(path, "r+b") as fh:
@@ -87,12 +91,18 @@ def clear_status_flags(path: str | Path) -> None:
         (stored,) = struct.unpack("<I", body[body_len:])
         if _lookup3(body[:body_len]) != stored:
             raise DumpError(f"{path}: superblock checksum does not verify, refusing to clear its write flags")
-        patched = body[:11] + b"\x00" + body[12:body_len]
+        eoa_at = 12 + 2 * size_o
+        base = int.from_bytes(body[12 : 12 + size_o], "little")
+        eoa = int.from_bytes(body[eoa_at : eoa_at + size_o], "little")
+        size = os.fstat(fh.fileno()).st_size
+        new_eoa = max(eoa, size - base)  # the EOA is relative to the base address
+        patched = b"".join(
+            (body[:11], b"\x00", body[12:eoa_at], new_eoa.to_bytes(size_o, "little"), body[eoa_at + size_o : body_len])
+        )
         fh.seek(0)
         fh.write(patched + struct.pack("<I", _lookup3(patched)))
-        eoa = int.from_bytes(body[12 + 2 * size_o : 12 + 3 * size_o], "little")
-        if os.fstat(fh.fileno()).st_size < eoa:
-            fh.truncate(eoa)
+        if size < base + new_eoa:
+            fh.truncate(base + new_eoa)
 
 
 def open_h5(path: str | Path, mode: str = "r", libver: Any = None) -> h5py.File:

@@ -162,6 +162,9 @@ class TrajectoryWriter:
         try:
             self._check_resume(f)
             self._rollback(f)
+        except OSError as exc:
+            f.close()
+            raise DumpError(f"{self.path}: cannot resume, reading its committed rows failed ({exc})") from exc
         except BaseException:
             f.close()
             raise
