@@ -324,13 +324,11 @@ def test_lazy_reading_is_memory_bounded(tmp_path):
     k = len(base_rows["iteration"])
     template = {c: np.resize(v, (per, *v.shape[1:])) for c, v in base_rows.items() if c != "obs"}
     assert k > 0
-    t0 = time.monotonic()
     with writer(path) as w:
         for it in range(n_it):
             w.append_rows("agent", {**template, "iteration": np.full(per, it, np.int32), "obs": obs})
             w.end_iteration({"iteration": it})
     raw_bytes = n_it * per * sum(v.itemsize * int(np.prod(v.shape[1:])) for v in (*template.values(), obs))
-    assert time.monotonic() - t0 < 30
     out = subprocess.run(
         [sys.executable, "-c", _RSS_SCRIPT, str(path)], capture_output=True, text=True, check=True, timeout=120
     ).stdout.split()
