@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import struct
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import yaml
 from reled_hpc.errors import DumpError, ReledError
 from reled_hpc.io import TrajectoryReader
 from reled_hpc.io import schema as S
-from reled_hpc.io.reader import first_row_after
+from reled_hpc.io.reader import Superblock, first_row_after
 
 DUMP_NAME = "trajectories.h5"
 REFERENCES_NAME = "references.json"
@@ -167,17 +166,10 @@ def _readable_rows(ds: h5py.Dataset, eof: int) -> int:
     return min(min(outside), n)
 
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
 def superblock_eoa(head: bytes) -> int | None:
     """End of address recorded in a v2/v3 superblock (the file's expected size), None if not one."""
-    if head[:8] != HDF5_SIGNATURE or len(head) < 12 or head[8] not in (2, 3):
-        return None
-    so = head[9]  # v2/v3: signature, version, sizes of offsets and lengths, flags, base, ext, EOA, root
-    if len(head) < 12 + 4 * so + 4:
-        return None
-    return int.from_bytes(head[12 + 2 * so : 12 + 3 * so], "little")
+    sb = Superblock.parse(head)
+    return None if sb is None else sb.base + sb.eoa
 
 
 class PaddedFile(io.RawIOBase):
@@ -195,19 +187,10 @@ class PaddedFile(io.RawIOBase):
         self.size = os.fstat(self._fh.fileno()).st_size
         self._pos = 0
         self._head = b""
-        head = self._fh.read(64)
-        eoa = superblock_eoa(head)
-        self.virtual_size = max(self.size, eoa or 0)
-        if eoa is not None and head[11]:
-            end = 12 + 4 * head[9]
-            self._head = self._cleared_flags(head[: end + 4], end)
-
-    @staticmethod
-    def _cleared_flags(block: bytes, end: int) -> bytes:
-        from reled_hpc.io.reader import _lookup3  # the superblock checksum (HDF5's lookup3)
-
-        body = block[:11] + b"\x00" + block[12:end]
-        return body + struct.pack("<I", _lookup3(body))
+        sb = Superblock.parse(self._fh.read(64))
+        self.virtual_size = max(self.size, sb.base + sb.eoa if sb else 0)
+        if sb is not None and sb.flags:
+            self._head = sb.rewritten(flags=0, eoa=sb.eoa)
 
     def readable(self) -> bool:
         return True

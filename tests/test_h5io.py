@@ -19,6 +19,7 @@ import pytest
 from reled_hpc.errors import DumpError
 from reled_hpc.io import SCHEMA_VERSION, TrajectoryReader, TrajectoryWriter
 from reled_hpc.io import schema as S
+from reled_hpc.io.reader import Superblock
 
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
@@ -389,20 +390,13 @@ def test_sigkill_leaves_every_committed_iteration(tmp_path):
 
 
 def _set_superblock(path: Path, *, eoa: int, flags: int) -> None:
-    """Rewrite a v2/v3 superblock's EOA and status flags (with a valid checksum), as a killed SWMR
-    writer leaves them: flags 'open for SWMR write' and an EOA that lags behind its allocations."""
-    from reled_hpc.io.reader import _lookup3
-
+    """Rewrite the superblock's EOA and status flags (with a valid checksum), as a killed SWMR writer
+    leaves them: flags 'open for SWMR write' and an EOA that lags behind its allocations."""
     with open(path, "r+b") as fh:
-        body = bytearray(fh.read(12 + 4 * 8 + 4))
-        size_o = body[9]
-        assert body[8] in (2, 3) and size_o == 8
-        body[11] = flags
-        body[12 + 2 * size_o : 12 + 3 * size_o] = eoa.to_bytes(size_o, "little")
-        n = 12 + 4 * size_o
-        body[n : n + 4] = _lookup3(bytes(body[:n])).to_bytes(4, "little")
+        sb = Superblock.parse(fh.read(64))
+        assert sb is not None and sb.checksum_ok()
         fh.seek(0)
-        fh.write(body[: n + 4])
+        fh.write(sb.rewritten(flags=flags, eoa=eoa))
 
 
 def test_resume_after_swmr_kill_with_stale_eoa(tmp_path):

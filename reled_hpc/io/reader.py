@@ -68,6 +68,46 @@ def _lookup3(data: bytes, initval: int = 0) -> int:
     return c
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+class Superblock:
+    """A v2/v3 HDF5 superblock: signature, version, sizes of offsets and lengths, status flags, base,
+    extension, end-of-address (EOA) and root addresses, then a lookup3 checksum of all before it."""
+
+    def __init__(self, block: bytes) -> None:
+        """`block`: the file's first bytes (64 hold any v2/v3 superblock); see `parse`."""
+        self.size_o = block[9]
+        self.end = 12 + 4 * self.size_o  # where the checksum starts
+        self.block = bytes(block[: self.end + 4])
+        self.flags = block[11]
+        self.base = self._addr(0)
+        self.eoa = self._addr(2)  # relative to the base address
+
+    @classmethod
+    def parse(cls, head: bytes) -> Superblock | None:
+        """The superblock at the start of `head`, None if it holds no (whole) v2/v3 one."""
+        if len(head) < 12 or head[:8] != HDF5_SIGNATURE or head[8] not in (2, 3) or len(head) < 16 + 4 * head[9]:
+            return None
+        return cls(head)
+
+    def _addr(self, k: int) -> int:
+        at = 12 + k * self.size_o
+        return int.from_bytes(self.block[at : at + self.size_o], "little")
+
+    def checksum_ok(self) -> bool:
+        return _lookup3(self.block[: self.end]) == struct.unpack("<I", self.block[self.end :])[0]
+
+    def rewritten(self, *, flags: int, eoa: int) -> bytes:
+        """This superblock's bytes with the given status flags and EOA, and a matching checksum."""
+        at = 12 + 2 * self.size_o
+        body = b"".join(
+            (self.block[:11], bytes([flags]), self.block[12:at], eoa.to_bytes(self.size_o, "little"),
+             self.block[at + self.size_o : self.end])
+        )  # fmt: skip
+        return body + struct.pack("<I", _lookup3(body))
+
+
 def clear_status_flags(path: str | Path) -> None:
     """Make a killed SWMR writer's file openable without SWMR, as `h5clear -s -i` does.
 
@@ -81,28 +121,17 @@ def clear_status_flags(path: str | Path) -> None:
     """
     path = Path(path)
     with open(path, "r+b") as fh:
-        head = fh.read(12)
-        if head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3):
+        sb = Superblock.parse(fh.read(64))
+        if sb is None:
             raise DumpError(f"{path}: no version 2/3 HDF5 superblock at offset 0, cannot clear its write flags")
-        size_o = head[9]
-        body_len = 12 + 4 * size_o
-        fh.seek(0)
-        body = fh.read(body_len + 4)
-        (stored,) = struct.unpack("<I", body[body_len:])
-        if _lookup3(body[:body_len]) != stored:
+        if not sb.checksum_ok():
             raise DumpError(f"{path}: superblock checksum does not verify, refusing to clear its write flags")
-        eoa_at = 12 + 2 * size_o
-        base = int.from_bytes(body[12 : 12 + size_o], "little")
-        eoa = int.from_bytes(body[eoa_at : eoa_at + size_o], "little")
         size = os.fstat(fh.fileno()).st_size
-        new_eoa = max(eoa, size - base)  # the EOA is relative to the base address
-        patched = b"".join(
-            (body[:11], b"\x00", body[12:eoa_at], new_eoa.to_bytes(size_o, "little"), body[eoa_at + size_o : body_len])
-        )
+        eoa = max(sb.eoa, size - sb.base)
         fh.seek(0)
-        fh.write(patched + struct.pack("<I", _lookup3(patched)))
-        if size < base + new_eoa:
-            fh.truncate(base + new_eoa)
+        fh.write(sb.rewritten(flags=0, eoa=eoa))
+        if size < sb.base + eoa:
+            fh.truncate(sb.base + eoa)
 
 
 def open_h5(path: str | Path, mode: str = "r", libver: Any = None) -> h5py.File:
