@@ -31,15 +31,15 @@ def _print_table(rows: list[dict[str, Any]], keys: list[str]) -> None:
 
 # ---- map -----------------------------------------------------------------------------------------
 def cmd_map_build(args: argparse.Namespace) -> int:
-    from .maps import build_from_osm, build_grid
-    from .osm import download_place
+    from .sim.maps import build_from_osm, build_grid
+    from .sim.osm import download_place
 
     out = Path(args.out) if args.out else None
     t0 = time.perf_counter()
     if args.grid:
         bundle = build_grid(number=args.grid, length=args.grid_length, out=out)
     elif args.place:
-        from .maps import cache_dir
+        from .sim.maps import cache_dir
 
         xml = cache_dir() / "downloads" / (args.place.replace("/", "_").replace(" ", "_") + ".osm")
         if not xml.exists():
@@ -61,7 +61,7 @@ def cmd_map_build(args: argparse.Namespace) -> int:
 
 
 def cmd_map_info(args: argparse.Namespace) -> int:
-    from .maps import resolve_map
+    from .sim.maps import resolve_map
 
     bundle = resolve_map(args.map)
     print(json.dumps({"folder": str(bundle.folder), **bundle.manifest}, indent=2))
@@ -103,9 +103,9 @@ def _progress(env_horizon: float, label: str):
 def evaluate_policies(
     policies: list[str], map_name: str, agents: int, traffic: str, horizon: float, seed: int, episodes: int
 ) -> list[dict[str, Any]]:
-    from .env import EnvConfig, NavigationEnv
-    from .maps import resolve_map
-    from .policies import make_policy, run_episode
+    from .sim.env import EnvConfig, NavigationEnv
+    from .sim.maps import resolve_map
+    from .sim.policies import make_policy, run_episode
 
     bundle = resolve_map(map_name)
     cfg = EnvConfig(map=map_name, n_agents=agents, traffic=traffic, horizon_s=horizon, seed=seed)  # type: ignore[arg-type]
@@ -115,7 +115,7 @@ def evaluate_policies(
             for ep in range(episodes):
                 progress = _progress(horizon, f"{name} ep{ep}")
                 t0 = time.perf_counter()
-                m = run_episode(env, make_policy(name, seed), seed=seed + ep, progress=progress)
+                m = run_episode(env, make_policy(name, env, seed), seed=seed + ep, progress=progress)
                 progress.close()  # type: ignore[attr-defined]
                 rows.append({"policy": name, "episode": ep, "wall_s": round(time.perf_counter() - t0, 2), **m})
     return rows
@@ -146,18 +146,6 @@ def cmd_run_policy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ReledError(f"--set expects KEY=VALUE (dotted keys, e.g. env.n_agents=20), got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def _launch_ranks(args: argparse.Namespace) -> int:
     """`train --ranks R` outside MPI: run this same command under mpiexec with R ranks."""
     import os
@@ -178,11 +166,12 @@ def _launch_ranks(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .dist.comm import launched_with_mpi
-    from .train import train
+    from .experiment.config import parse_overrides
+    from .experiment.train import train
 
     if args.ranks > 1 and not launched_with_mpi():
         return _launch_ranks(args)
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.name:
         overrides["name"] = args.name
     if args.resume:
@@ -331,14 +320,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     same scenarios, then what SED did (programs, execution rate, RVI/PDI, LLM latency) from the dump."""
     if args.policies_only:
         return cmd_demo_policies(args)
-    from .train import load_config, reference_travel_time, train
+    from .experiment.config import agent_counts, load_config
+    from .experiment.references import reference_travel_time
+    from .experiment.run_dir import RunDir
+    from .experiment.train import train
 
     t_start = time.perf_counter()
     cfg = load_config(args.config)
     cfg.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if cfg.algorithm != "reled" or cfg.hpo.expert == "none":
+    from .experiment.algorithms import get_algorithm
+
+    if not get_algorithm(cfg.algorithm).uses_expert or cfg.hpo.expert == "none":
         expert = "no expert"
-    elif cfg.hpo.expert == "llm":
+    elif cfg.uses_llm:
         where = cfg.llm.endpoint or "the embedded llama.cpp server on CPU"
         expert = (
             f"LLM expert {cfg.llm.model} on {where}: SED {cfg.sed.mode} mode, m={cfg.sed.m} subsets, up to "
@@ -349,7 +343,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         expert = f"{cfg.hpo.oracle_policy} oracle expert"
     print(
         f"reled-hpc {__version__} demo: training {cfg.algorithm} ({expert}) on {cfg.env.map} "
-        f"(© OpenStreetMap contributors), {cfg.dist.total_agents or cfg.env.n_agents * args.ranks} agents, "
+        f"(© OpenStreetMap contributors), {sum(agent_counts(cfg, args.ranks))} agents, "
         f"{cfg.env.traffic} traffic, "
         f"{cfg.iterations} iterations -> {cfg.runs_dir}/{cfg.name}"
     )
@@ -365,12 +359,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"{args.ranks} local MPI ranks: {' '.join(cmd)}")
         if subprocess.call(cmd) != 0:
             raise ReledError("the demo's training job failed (see the messages above)")
-        run_dir = Path(cfg.runs_dir) / cfg.name
+        run = RunDir(Path(cfg.runs_dir) / cfg.name)
     else:
-        run_dir, _ = train(cfg)
+        run = RunDir(train(cfg)[0])
     from .io import TrajectoryReader
 
-    m = TrajectoryReader(run_dir / "trajectories.h5").metrics()
+    with TrajectoryReader(run.dump) as reader:
+        m = reader.metrics()
     tt, ar = m["mean_travel_time"], m["arrival_rate"]
     k = max(1, len(tt) // 5)
     print("\ntravel-time trend (mean of each fifth of the run):")
@@ -388,12 +383,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  {cfg.algorithm} (last 5 iterations, sampling policy): {np.nanmean(tt[last5]):7.1f} s, "
         f"arrival {np.nanmean(ar[last5]):.1%}"
     )
-    if cfg.algorithm == "reled" and cfg.hpo.expert == "llm":
+    if cfg.uses_llm:
         from .expert.summary import format_sed_summary, summarise_sed
 
         print()
-        print("\n".join(format_sed_summary(summarise_sed(run_dir), cfg.sed)))
-    print(f"run folder: {run_dir}  (HDF5 dump, checkpoints, TensorBoard: tensorboard --logdir {run_dir}/tb)")
+        print("\n".join(format_sed_summary(summarise_sed(run.dump), cfg.sed)))
+    print(f"run folder: {run}  (HDF5 dump, checkpoints, TensorBoard: tensorboard --logdir {run.tensorboard})")
     print(f"demo wall time: {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -19,14 +19,14 @@ VENV_BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def helsinki():
-    from reled_hpc.maps import resolve_map
+    from reled_hpc.sim.maps import resolve_map
 
     return resolve_map("helsinki")
 
 
 @pytest.fixture(scope="session")
 def grid():
-    from reled_hpc.maps import resolve_map
+    from reled_hpc.sim.maps import resolve_map
 
     return resolve_map("grid")
 

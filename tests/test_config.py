@@ -4,8 +4,8 @@ from typing import Literal
 import pytest
 
 from reled_hpc.config import from_dict, load_yaml
-from reled_hpc.env import EnvConfig
 from reled_hpc.errors import ConfigError
+from reled_hpc.sim.env import EnvConfig
 
 
 @dataclass

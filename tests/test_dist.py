@@ -63,10 +63,11 @@ def test_learner_receives_every_ranks_trajectories(tmp_path, grid):
 
 def test_rank_rollouts_equal_single_process_rollouts(tmp_path, grid):
     """Iteration 0 of each rank (initial weights) equals a 1-process rollout with that rank's seeds."""
-    from reled_hpc.env import NavigationEnv
+    from reled_hpc.experiment.config import load_config
+    from reled_hpc.experiment.seeds import actor_seed, scenario_seed
     from reled_hpc.learn.ppo import PPOLearner
     from reled_hpc.learn.rollout import collect_episode
-    from reled_hpc.train import actor_seed, load_config, scenario_seed
+    from reled_hpc.sim.env import NavigationEnv
 
     path = _cfg(tmp_path, "equal", algorithm="ippo", iterations=1)
     res = _mpirun(path)

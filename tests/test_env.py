@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reled_hpc.env import CAND_FEATURES, SELF_FEATURES, EnvConfig, NavigationEnv
 from reled_hpc.errors import EnvError
-from reled_hpc.policies import deciding, make_policy, run_episode
+from reled_hpc.sim.env import CAND_FEATURES, SELF_FEATURES, EnvConfig, NavigationEnv
+from reled_hpc.sim.policies import actions, deciding, make_policy, run_episode
 
 
 def _cfg(**kw) -> EnvConfig:
@@ -33,11 +33,11 @@ def test_reset_and_step_contract(grid):
             assert len(infos[aid]["candidates"]) == k
             cand = o[len(SELF_FEATURES) :].reshape(cfg.a_max, len(CAND_FEATURES))
             assert np.all(cand[k:] == 0)  # padding
-        policy = make_policy("random", seed=1)
+        policy = make_policy("random", env, seed=1)
         ended_seen = set()
         steps = 0
         while not env.done:
-            obs, rew, term, trunc, infos = env.step(policy.act(env, obs, infos))
+            obs, rew, term, trunc, infos = env.step(actions(policy, env, obs, infos))
             steps += 1
             assert set(obs) == set(rew) == set(term) == set(trunc) == set(infos)
             for aid in obs:
@@ -79,11 +79,11 @@ def test_invalid_action_fallback_is_counted(grid):
 
 
 def _trajectories(env: NavigationEnv, policy_name: str, seed: int):
-    policy = make_policy(policy_name, seed=seed)
+    policy = make_policy(policy_name, env, seed=seed)
     obs, infos = env.reset(seed=seed)
     log = []
     while not env.done:
-        acts = policy.act(env, obs, infos)
+        acts = actions(policy, env, obs, infos)
         log.append((env.time, tuple(sorted((a, float(o.sum())) for a, o in obs.items())), tuple(sorted(acts.items()))))
         obs, _, _, _, infos = env.step(acts)
     return log, env.metrics()
@@ -119,11 +119,11 @@ def test_sumo_route_follows_plan(grid):
     import libsumo
 
     with NavigationEnv(_cfg(n_agents=20), grid) as env:
-        policy = make_policy("random", seed=0)
+        policy = make_policy("random", env, seed=0)
         obs, infos = env.reset(seed=0)
         checked = 0
         while not env.done and env.time < 300:
-            obs, _, _, _, infos = env.step(policy.act(env, obs, infos))
+            obs, _, _, _, infos = env.step(actions(policy, env, obs, infos))
             env._flush_routes()
             for aid, st in env.agents_state.items():
                 if st.status == "driving" and st.inserted:
@@ -139,11 +139,11 @@ def test_sumo_route_follows_plan(grid):
 
 def test_rewards_sum_to_returns(grid):
     with NavigationEnv(_cfg(), grid) as env:
-        policy = make_policy("shortest_path")
+        policy = make_policy("shortest_path", env)
         obs, infos = env.reset(seed=1)
         total = {a: 0.0 for a in env.possible_agents}
         while not env.done:
-            obs, rew, _, _, infos = env.step(policy.act(env, obs, infos))
+            obs, rew, _, _, infos = env.step(actions(policy, env, obs, infos))
             for a, r in rew.items():
                 total[a] += r
         for a, st in env.agents_state.items():
@@ -157,7 +157,7 @@ def test_reference_policies_ranked_on_grid(grid):
     res = {}
     with NavigationEnv(_cfg(n_agents=30, horizon_s=900.0), grid) as env:
         for name in ("random", "shortest_path", "fastest_path"):
-            res[name] = run_episode(env, make_policy(name, seed=0), seed=5)
+            res[name] = run_episode(env, make_policy(name, env, seed=0), seed=5)
     assert res["shortest_path"]["arrival_rate"] >= 0.9
     assert res["fastest_path"]["arrival_rate"] >= 0.9
     assert res["random"]["arrival_rate"] < res["shortest_path"]["arrival_rate"]
@@ -167,7 +167,7 @@ def test_reference_policies_ranked_on_grid(grid):
 def test_shortest_path_reaches_95_percent_on_helsinki(helsinki):
     cfg = EnvConfig(map="helsinki", n_agents=100, traffic="light", horizon_s=1200.0, seed=0)
     with NavigationEnv(cfg, helsinki) as env:
-        m = run_episode(env, make_policy("shortest_path"), seed=0)
+        m = run_episode(env, make_policy("shortest_path", env), seed=0)
     assert m["arrival_rate"] >= 0.95, m
     assert m["late_decisions"] == 0
     assert m["bg_vehicles"] > 0 and m["bg_arrived"] > 0
@@ -180,7 +180,7 @@ def test_1000_agents_every_agent_accounted_for(helsinki):
 
     cfg = EnvConfig(map="helsinki", n_agents=1000, traffic="light", horizon_s=300.0, depart_window_s=120.0, seed=0)
     with NavigationEnv(cfg, helsinki) as env:
-        policy = make_policy("shortest_path")
+        policy = make_policy("shortest_path", env)
         obs, infos = env.reset(seed=0)
         while not env.done:
             if 200 <= env.time < 201:  # mid-run census
@@ -189,7 +189,7 @@ def test_1000_agents_every_agent_accounted_for(helsinki):
                 for aid, st in env.agents_state.items():
                     if st.status == "driving" and st.in_sumo:
                         assert aid in in_sim or aid in pending_insert, f"{aid} vanished from SUMO"
-            obs, _, _, _, infos = env.step(policy.act(env, obs, infos))
+            obs, _, _, _, infos = env.step(actions(policy, env, obs, infos))
         m = env.metrics()
         statuses = {st.status for st in env.agents_state.values()}
     assert statuses <= {"arrived", "failed", "truncated"}

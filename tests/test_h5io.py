@@ -220,6 +220,34 @@ def test_resume_wrong_schema_version_and_missing_file(tmp_path):
         writer(path)
 
 
+def test_program_rank_round_trip_and_version_1_files_are_read(tmp_path):
+    """programs/rank is stored as given; a schema-1 file (no rank column, subset + 1000 * rank) reads
+    as subset and rank, and cannot be resumed by a schema-2 writer."""
+    path = tmp_path / "run.h5"
+    progs = [{**p, "rank": 3 * j, "subset": j % 2} for j, p in enumerate(expected_programs(3))]
+    assert len(progs) == 3
+    with writer(path) as w:
+        w.append_programs(progs)
+        w.end_iteration(expected_metrics(3))
+    with TrajectoryReader(path) as r:
+        got = r.programs()
+        assert r.schema_version == SCHEMA_VERSION == 2
+    assert list(got["rank"]) == [p["rank"] for p in progs] and got["rank"].dtype == np.int16
+    assert list(got["subset"]) == [p["subset"] for p in progs]
+    with h5py.File(path, "r+") as f:  # as a version-1 writer left it
+        g = f["programs"]
+        g["subset"][...] = g["subset"][...] + S.V1_RANK_STRIDE * g["rank"][...]
+        del g["rank"]
+        f.attrs["schema_version"] = 1
+    with TrajectoryReader(path) as r:
+        old = r.programs()
+        chunk = next(r.iter_chunks("programs", ["rank"]))
+    assert list(old["rank"]) == [p["rank"] for p in progs] and list(old["subset"]) == [p["subset"] for p in progs]
+    assert list(chunk) == ["rank"] and list(chunk["rank"]) == [p["rank"] for p in progs]
+    with pytest.raises(DumpError, match=r"schema_version=1"):
+        writer(path, resume=True)
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_bad_rows_name_the_column(tmp_path):
     with writer(tmp_path / "run.h5") as w:

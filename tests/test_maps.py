@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from reled_hpc.errors import ConfigError, MapError
-from reled_hpc.maps import MapBundle, build_from_osm, build_grid, resolve_map, shipped_osm
+from reled_hpc.sim.maps import MapBundle, build_from_osm, build_grid, resolve_map, shipped_osm
 
 FOOTWAY_ONLY = """<?xml version='1.0' encoding='UTF-8'?>
 <osm version="0.6">
@@ -93,7 +93,7 @@ def test_no_drivable_roads(tmp_path):
     with pytest.raises(MapError, match=r"park\.osm has no drivable roads"):
         build_from_osm(src)
     # a failed build leaves no half-built folder behind
-    from reled_hpc.maps import cache_dir
+    from reled_hpc.sim.maps import cache_dir
 
     assert not [p for p in (cache_dir() / "maps").iterdir() if "park" in p.name]
 
@@ -114,14 +114,14 @@ def test_incomplete_map_folder(tmp_path, helsinki):
 
 
 def test_graph_too_small_for_agents(grid):
-    from reled_hpc.env import EnvConfig, NavigationEnv
+    from reled_hpc.sim.env import EnvConfig, NavigationEnv
 
     with pytest.raises(ConfigError, match=r"too small for 5000 agents"):
         NavigationEnv(EnvConfig(map="grid", n_agents=5000), grid)
 
 
 def test_min_trip_longer_than_map(grid):
-    from reled_hpc.demand import sample_od
+    from reled_hpc.sim.demand import sample_od
 
     with pytest.raises(ConfigError, match="too small for min_trip_m"):
         sample_od(grid.graph, np.random.default_rng(0), min_trip_m=50_000)
@@ -133,7 +133,7 @@ def test_invalid_grid():
 
 
 def test_place_download_fails_clearly_offline(tmp_path):
-    from reled_hpc.osm import download_place
+    from reled_hpc.sim.osm import download_place
 
     if os.environ.get("RELED_HPC_ONLINE"):
         pytest.skip("online: the download would succeed")  # this sandbox and CI have no internet

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from reled_hpc.errors import ConfigError
+from reled_hpc.learn.config import QMIXConfig
 from reled_hpc.learn.mixer import QMixer
 from reled_hpc.learn.nets import N_CAND, N_SELF
-from reled_hpc.learn.qmix import GroupReplay, QMIXConfig, QMIXLearner, build_groups, td_targets
+from reled_hpc.learn.qmix import GroupReplay, QMIXLearner, build_groups, td_targets
 from reled_hpc.learn.rollout import COLUMNS
 
 A_MAX, G_DIM = 4, 8
@@ -113,7 +114,7 @@ def test_epsilon_schedule_and_validation():
     assert [round(cfg.epsilon(i), 6) for i in (0, 5, 10, 50)] == [1.0, 0.55, 0.1, 0.1]
     assert QMIXConfig(eps_decay_iterations=0, eps_end=0.2).epsilon(0) == 0.2
     learner = QMIXLearner(A_MAX, G_DIM, cfg)
-    learner.set_iteration(5)
+    learner.begin_iteration(5)
     assert learner.epsilon == pytest.approx(0.55)
     QMIXConfig().validate()
     for bad in ({"gamma": 0.0}, {"eps_end": 0.5, "eps_start": 0.2}, {"buffer_decisions": 0}, {"target_update": 0}):
@@ -253,7 +254,7 @@ def test_learns_contextual_bandit():
     acc0 = accuracy()
     assert acc0 < 0.6  # roughly chance (1/2 .. 1/4)
     for it in range(10):
-        learner.set_iteration(it)
+        learner.begin_iteration(it)
         stats = learner.update(bandit_batch(learner.actor(), rng, 20, 4, it * 20))
         assert np.isfinite(stats["td_loss"])
     assert learner.grad_steps == 400

@@ -36,7 +36,7 @@ def test_route_is_connected_and_shortest(helsinki):
 
 
 def test_json_round_trip(helsinki, tmp_path):
-    from reled_hpc.roadgraph import RoadGraph
+    from reled_hpc.sim.roadgraph import RoadGraph
 
     g = helsinki.graph
     g.to_json(tmp_path / "g.json")

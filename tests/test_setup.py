@@ -15,7 +15,7 @@ def test_fastdtw_uses_c_extension():
 
 @pytest.mark.parametrize("tool", ["sumo", "netconvert", "netgenerate"])
 def test_sumo_binaries_present(tool):
-    from reled_hpc.sumo_tools import binary
+    from reled_hpc.sim.sumo_tools import binary
 
     out = subprocess.run([str(binary(tool)), "--version"], capture_output=True, text=True, check=True)
     assert "Eclipse SUMO" in out.stdout
@@ -23,7 +23,7 @@ def test_sumo_binaries_present(tool):
 
 def test_missing_sumo_binary_is_a_clear_error():
     from reled_hpc.errors import SetupError
-    from reled_hpc.sumo_tools import binary
+    from reled_hpc.sim.sumo_tools import binary
 
     with pytest.raises(SetupError, match="no-such-tool"):
         binary("no-such-tool")

@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 from reled_hpc.errors import ConfigError, ReledError
+from reled_hpc.experiment.config import TrainConfig, load_config
+from reled_hpc.experiment.seeds import scenario_seed
+from reled_hpc.experiment.train import train
 from reled_hpc.io import TrajectoryReader
-from reled_hpc.train import TrainConfig, load_config, scenario_seed, train
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -47,11 +49,11 @@ def _write_cfg(tmp_path: Path, d: dict) -> Path:
 
 
 def _random_reference(cfg: TrainConfig, episodes: int = 4) -> dict[str, float]:
-    from reled_hpc.env import NavigationEnv
-    from reled_hpc.policies import make_policy, run_episode
+    from reled_hpc.sim.env import NavigationEnv
+    from reled_hpc.sim.policies import make_policy, run_episode
 
     with NavigationEnv(cfg.env) as env:
-        ms = [run_episode(env, make_policy("random", k), seed=scenario_seed(cfg, cfg.iterations - 2, k % 2))
+        ms = [run_episode(env, make_policy("random", env, k), seed=scenario_seed(cfg, cfg.iterations - 2, k % 2))
               for k in range(episodes)]  # fmt: skip
     return {k: float(np.mean([m[k] for m in ms])) for k in ("mean_time_censored", "arrival_rate", "mean_return")}
 
@@ -251,15 +253,15 @@ def test_resume_mid_period_reproduces_an_uninterrupted_run(tmp_path, grid):
 
 
 def test_sed_metrics_of_a_reused_demonstration_are_nan():
-    from reled_hpc.train import _sed_stats
+    from reled_hpc.experiment.metrics import sed_stats
 
     st = {"execution_rate": 0.5, "rvi_max": 300.0, "pdi_max": 0.9, "llm_latency_s": 40.0, "cache_hits": 1,
           "measured_external_change": 0.01}  # fmt: skip
-    now = _sed_stats([st, st], [True, False])
+    now = sed_stats([st, st], [True, False])
     assert now["sed_cycle"] == 1.0 and now["execution_rate"] == 0.5 and now["llm_latency_s"] == 40.0
     assert now["llm_cache_hits"] == 1.0
-    again = _sed_stats([st, st], [False, False])
+    again = sed_stats([st, st], [False, False])
     assert again["sed_cycle"] == 0.0 and again["llm_cache_hits"] == 0.0
     assert all(np.isnan(again[k]) for k in ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s"))
-    oracle = _sed_stats([{"expert_travel_time": 100.0}], [True])
+    oracle = sed_stats([{"expert_travel_time": 100.0}], [True])
     assert all(np.isnan(v) for v in oracle.values())

@@ -7,8 +7,8 @@ import resource
 import time
 from typing import Any
 
-from ..env import EnvConfig, NavigationEnv
-from ..policies import make_policy
+from ..sim.env import EnvConfig, NavigationEnv
+from ..sim.policies import actions, make_policy
 
 
 def _raw_run(env: NavigationEnv, steps: int) -> tuple[float, int]:
@@ -38,11 +38,11 @@ def _raw_run(env: NavigationEnv, steps: int) -> tuple[float, int]:
 
 
 def _controlled_run(env: NavigationEnv, steps: int, seed: int) -> tuple[float, dict[str, Any]]:
-    policy = make_policy("shortest_path")
+    policy = make_policy("shortest_path", env)
     obs, infos = env.reset(seed=seed)
     t0 = time.perf_counter()
     while not env.done and env.sim_steps < steps:
-        obs, _, _, _, infos = env.step(policy.act(env, obs, infos))
+        obs, _, _, _, infos = env.step(actions(policy, env, obs, infos))
     return time.perf_counter() - t0, env.metrics()
 
 

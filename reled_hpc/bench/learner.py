@@ -15,17 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..env import EnvConfig, NavigationEnv
 from ..expert.oracle import OracleExpert
+from ..learn.config import PPOConfig, QMIXConfig
 from ..learn.hpo import agent_alphas
-from ..learn.ppo import PPOConfig, PPOLearner
-from ..learn.qmix import QMIXConfig, QMIXLearner
+from ..learn.ppo import PPOLearner
+from ..learn.qmix import QMIXLearner
 from ..learn.rollout import collect_episode
+from ..sim.env import EnvConfig, NavigationEnv
 
 
 def _write_rows(path: Path, batch: dict[str, np.ndarray], expert: dict[str, np.ndarray], cfg: EnvConfig) -> float:
+    from ..experiment.metrics import EXTRA_METRICS, dump_rows
     from ..io import TrajectoryWriter
-    from ..train import EXTRA_METRICS, dump_rows
 
     t0 = time.perf_counter()
     with TrajectoryWriter(path, config_yaml="bench: true\n", obs_dim=cfg.obs_dim, a_max=cfg.a_max,

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ..env import EnvConfig, NavigationEnv
-from ..expert.llm_expert import LLMExpert, SEDConfig
+from ..expert.config import SEDConfig
+from ..expert.llm_expert import LLMExpert
+from ..sim.env import EnvConfig, NavigationEnv
 
 
 def _uniform_policy(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..env import NavigationEnv
-from ..learn.rollout import Batch, collect_episode, reference_actor
+from ..learn.rollout import Batch, collect_episode
+from ..sim.env import NavigationEnv
+from ..sim.policies import make_policy
+from .base import PolicyLogProbs
 
 ORACLE_POLICIES = ("shortest_path", "fastest_path")
 
 
 class OracleExpert:
     """Drives `policy` through the env from the same start state (same seed). Results are cached
-    per seed, so an expert episode is paid once per scenario."""
+    per seed, so an expert episode is paid once per scenario. The policy plays no part."""
+
+    policy_dependent = False
 
     def __init__(self, policy: str = "shortest_path", cache_size: int = 8) -> None:
         if policy not in ORACLE_POLICIES:
@@ -22,10 +26,13 @@ class OracleExpert:
         self._cache: dict[int, tuple[Batch, dict[str, Any]]] = {}
         self._cache_size = cache_size
 
+    def set_policy(self, policy_log_probs: PolicyLogProbs | None) -> None:
+        pass  # a reference route does not depend on the learner
+
     def demonstrate(self, env: NavigationEnv, seed: int, episode: int) -> tuple[Batch, dict[str, Any]]:
         hit = self._cache.get(seed)
         if hit is None:
-            batch, metrics = collect_episode(env, reference_actor(env, self.policy), seed, episode)
+            batch, metrics = collect_episode(env, make_policy(self.policy, env), seed, episode)
             hit = (
                 batch,
                 {"expert_travel_time": metrics["mean_travel_time"], "expert_arrival": metrics["arrival_rate"]},

@@ -12,9 +12,6 @@ import numpy as np
 
 from ..finite import finite_max, finite_mean
 
-# program rows of rank r carry subset + RANK_STRIDE * r (train.py logs them so)
-RANK_STRIDE = 1000
-
 
 @dataclass
 class CycleRow:
@@ -56,15 +53,18 @@ class SEDSummary:
 
 
 def summarise_sed(path: str | Path) -> SEDSummary:
-    """The SED figures of the dump at `path` (a trajectories.h5 or its run folder)."""
+    """The SED figures of the dump file at `path`."""
     from ..io import TrajectoryReader
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "trajectories.h5"
     with TrajectoryReader(path) as r:
-        p = r.programs()
-        m = r.metrics()
+        return sed_summary(r.programs(), r.metrics())
+
+
+def sed_summary(p: dict[str, np.ndarray], m: dict[str, np.ndarray]) -> SEDSummary:
+    """The SED figures of a dump's programs/ columns `p` (iteration, rank, cycle, subset, round,
+    executed, rvi, pdi, latency_s, prompt/completion tokens; `text` to count changed revisions) and
+    its metrics/ columns `m`. A program counts as generated when the model answered it
+    (completion_tokens >= 0); the execution rate is executed / generated."""
     out = SEDSummary()
     n = len(p["iteration"])
     out.programs = n
@@ -76,14 +76,14 @@ def summarise_sed(path: str | Path) -> SEDSummary:
     out.generated, out.executed = int(answered.sum()), int((executed & answered).sum())
     out.generated_round1 = int((answered & first).sum())
     out.executed_round1 = int((answered & first & executed).sum())
-    keys = zip(p["iteration"].tolist(), (p["subset"] // RANK_STRIDE).tolist(), p["cycle"].tolist(), strict=True)
-    out.cycles = len(set(keys))
-    previous: dict[tuple[int, int, int], str] = {}
-    for j in np.lexsort((p["round"], p["subset"], p["cycle"], p["iteration"])):
-        key = (int(p["iteration"][j]), int(p["cycle"][j]), int(p["subset"][j]))
-        if key in previous and p["round"][j] > 1 and answered[j]:
-            out.revisions_changed += int(p["text"][j].strip() != previous[key].strip())
-        previous[key] = p["text"][j]
+    out.cycles = len(set(zip(p["iteration"].tolist(), p["rank"].tolist(), p["cycle"].tolist(), strict=True)))
+    if "text" in p:
+        previous: dict[tuple[int, int, int, int], str] = {}
+        for j in np.lexsort((p["round"], p["subset"], p["cycle"], p["rank"], p["iteration"])):
+            key = (int(p["iteration"][j]), int(p["rank"][j]), int(p["cycle"][j]), int(p["subset"][j]))
+            if key in previous and p["round"][j] > 1 and answered[j]:
+                out.revisions_changed += int(p["text"][j].strip() != previous[key].strip())
+            previous[key] = p["text"][j]
     lat = p["latency_s"][answered]
     out.latency_total_s = float(np.nansum(lat))
     out.latency_mean_s = float(np.nanmean(lat)) if len(lat) else math.nan
@@ -99,7 +99,7 @@ def summarise_sed(path: str | Path) -> SEDSummary:
     for it in sorted(set(p["iteration"].tolist())):
         sel = p["iteration"] == it
         r1 = sel & first
-        cyc = set(zip((p["subset"][sel] // RANK_STRIDE).tolist(), p["cycle"][sel].tolist(), strict=True))
+        cyc = set(zip(p["rank"][sel].tolist(), p["cycle"][sel].tolist(), strict=True))
         out.rows.append(
             CycleRow(
                 iteration=int(it),

@@ -207,8 +207,9 @@ class TrajectoryReader:
                 if key not in attrs:
                     raise self._err(f"file attribute {key!r} is missing; not a reled-hpc dump?")
             version = int(attrs["schema_version"])
-            if version != S.SCHEMA_VERSION:
-                raise self._err(f"schema_version {version}, this reader reads {S.SCHEMA_VERSION}")
+            if version not in S.READABLE_VERSIONS:
+                raise self._err(f"schema_version {version}, this reader reads {S.READABLE_VERSIONS}")
+            self.schema_version = version
             self.obs_dim = int(attrs["obs_dim"])
             self.a_max = int(attrs["a_max"])
             self.extra_metrics = tuple(str(m) for m in attrs["extra_metrics"])
@@ -218,7 +219,7 @@ class TrajectoryReader:
             want = {
                 **{g: [c.name for c in S.ROW_COLUMNS] for g in S.ROW_GROUPS},
                 S.METRICS_GROUP: list(S.metric_columns(self.extra_metrics)),
-                S.PROGRAMS_GROUP: [c.name for c in S.PROGRAM_COLUMNS],
+                S.PROGRAMS_GROUP: [c.name for c in S.program_columns(version)],
             }
             for g, names in want.items():
                 missing = [n for n in names if n not in f[g]]
@@ -332,10 +333,16 @@ class TrajectoryReader:
         if chunk_rows < 1:
             raise self._err(f"chunk_rows must be >= 1, got {chunk_rows}")
         g = self._f[group]
+        v1_programs = group == S.PROGRAMS_GROUP and self.schema_version < 2
+        stored = [c for c in cols if c != "rank"] + (["subset"] if "rank" in cols else []) if v1_programs else cols
         for start, stop in self.row_ranges(group, iterations):
             for lo in range(start, stop, chunk_rows):
                 hi = min(lo + chunk_rows, stop)
-                yield {c: self._read(g[c], lo, hi) for c in cols}
+                chunk = {c: self._read(g[c], lo, hi) for c in dict.fromkeys(stored)}
+                if v1_programs and "subset" in chunk:
+                    rank, chunk["subset"] = np.divmod(chunk["subset"], S.V1_RANK_STRIDE)
+                    chunk["rank"] = rank.astype(np.int16)
+                yield {c: chunk[c] for c in cols}
 
     @staticmethod
     def _read(ds: h5py.Dataset, lo: int, hi: int) -> np.ndarray:
@@ -349,8 +356,11 @@ class TrajectoryReader:
         """Whole columns in memory (concatenated iter_chunks); mind the size of `obs` on big runs."""
         parts = list(self.iter_chunks(group, columns, chunk_rows=1 << 20, iterations=iterations))
         if not parts:
-            names = [c.name for c in (S.PROGRAM_COLUMNS if group == S.PROGRAMS_GROUP else S.ROW_COLUMNS)]
-            parts = [{c: self._read(self._f[group][c], 0, 0) for c in (columns or names)}]
+            cols = S.PROGRAM_COLUMNS if group == S.PROGRAMS_GROUP else S.ROW_COLUMNS
+            names = columns or [c.name for c in cols]
+            by_name = {c.name: c for c in cols}
+            parts = [{c: np.empty((0, *by_name[c].shape(self.obs_dim, self.a_max)), by_name[c].dtype)
+                      if by_name[c].dtype != S.VLEN_STR else np.empty(0, object) for c in names}]  # fmt: skip
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
     def programs(self, iterations: Iterable[int] | None = None) -> dict[str, np.ndarray]:

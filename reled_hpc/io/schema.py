@@ -11,7 +11,11 @@ from typing import Literal
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 files (before programs/rank) are read too: their programs/subset held
+# subset + V1_RANK_STRIDE * rank, which the reader splits into subset and rank.
+READABLE_VERSIONS = (1, 2)
+V1_RANK_STRIDE = 1000
 
 ROW_GROUPS: tuple[str, ...] = ("agent", "expert")
 RowGroup = Literal["agent", "expert"]
@@ -104,6 +108,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
 # programs/: every LLM program.
 PROGRAM_COLUMNS: tuple[Column, ...] = (
     _c("iteration", np.int32, fill=ITERATION_FILL),
+    _c("rank", np.int16),  # the MPI rank whose expert ran the program (subset numbers are per rank)
     _c("cycle", np.int32),
     _c("subset", np.int32),
     _c("round", np.int32),
@@ -118,6 +123,7 @@ PROGRAM_COLUMNS: tuple[Column, ...] = (
 )
 # Keys a program dict may omit, with the value stored instead (iteration: the pending one).
 PROGRAM_DEFAULTS: dict[str, object] = {
+    "rank": 0,
     "error": "",
     "rvi": np.nan,
     "pdi": np.nan,
@@ -127,6 +133,13 @@ PROGRAM_DEFAULTS: dict[str, object] = {
 }
 
 ROW_COLUMN_BY_NAME = {c.name: c for c in ROW_COLUMNS}
+
+
+def program_columns(version: int = SCHEMA_VERSION) -> tuple[Column, ...]:
+    """programs/ datasets a file of schema `version` holds."""
+    return PROGRAM_COLUMNS if version >= 2 else tuple(c for c in PROGRAM_COLUMNS if c.name != "rank")
+
+
 PROGRAM_COLUMN_BY_NAME = {c.name: c for c in PROGRAM_COLUMNS}
 
 

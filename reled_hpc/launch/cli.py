@@ -47,7 +47,8 @@ def _wait(job: Any) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from ..cli import _parse_overrides
+    from ..experiment.config import parse_overrides
+    from ..experiment.run_dir import RunDir
     from .submit import submit
 
     if not args.config and not args.resume:
@@ -61,7 +62,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     s = submit(
         args.config,
         name=args.name,
-        overrides=_parse_overrides(args.set),
+        overrides=parse_overrides(args.set),
         resume=Path(args.resume) if args.resume else None,
         resources=_resources(args),
         llm=args.llm,
@@ -70,7 +71,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         llm_args=args.llm_arg,
     )
     if s.server_job_id:
-        print(f"LLM server job {s.server_job_id} ({args.llm}): endpoint file {s.run_dir / 'llm' / 'endpoint.json'}")
+        print(f"LLM server job {s.server_job_id} ({args.llm}): endpoint file {RunDir(s.run_dir).llm / 'endpoint.json'}")
     print(f"training job {s.job_id} submitted in {time.perf_counter() - t0:.1f} s: run folder {s.run_dir}")
     print(f"  follow it: reled-hpc status {s.run_dir}   logs: {s.run_dir / 'submitit'}")
     if args.wait:

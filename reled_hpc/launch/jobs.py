@@ -37,12 +37,13 @@ def _job_id() -> str | None:
 
 def committed_iterations(run_dir: Path) -> int:
     """Iterations the run's dump holds (0 when there is none yet)."""
+    from ..experiment.run_dir import RunDir
     from ..io import TrajectoryReader
 
-    h5 = run_dir / "trajectories.h5"
-    if not h5.exists():
+    run = RunDir(run_dir)
+    if not run.has_dump():
         return 0
-    with TrajectoryReader(h5) as r:
+    with TrajectoryReader(run.dump) as r:
         return len(r.iterations())
 
 
@@ -63,7 +64,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         from ..dist.comm import get_comm
-        from ..train import train
+        from ..experiment.run_dir import RunDir
+        from ..experiment.train import train
 
         run_dir = Path(self.run_dir)
         comm = get_comm()
@@ -76,7 +78,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         signal.signal(signal.SIGUSR2, on_timeout)
         # every rank sees the same folder state: rank 0 creates files only after train()'s first barrier
-        resume = (run_dir / "config.yaml").exists()
+        resume = RunDir(run_dir).is_run()
         if comm.rank == 0:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
             log.info("job %s: %s %s (%d ranks)", _job_id(), "resuming" if resume else "starting", run_dir, comm.size)

@@ -33,7 +33,8 @@ def _scenario_key(cfg: Any, ranks: int) -> str:
 
 
 def sweep_references(sweep_dir: Path | str, policies: tuple[str, ...] = POLICIES, last: int = 5) -> dict[str, Any]:
-    from ..train import load_config, reference_travel_time
+    from ..experiment.config import load_config
+    from ..experiment.references import reference_travel_time
 
     sweep_dir = Path(sweep_dir)
     rec_path = sweep_dir / SWEEP_FILE

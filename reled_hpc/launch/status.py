@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReledError
+from ..experiment.run_dir import RunDir
 from .jobs import REQUEUE_FILE
 from .submit import SUBMIT_FILE
 from .sweep import SWEEP_FILE
@@ -89,7 +90,7 @@ def _progress(run_dir: Path, iterations_total: int | None) -> dict[str, Any]:
     from ..io import TrajectoryReader
 
     out: dict[str, Any] = {"iterations": 0, "of": iterations_total, "travel_time": None}
-    h5 = run_dir / "trajectories.h5"
+    h5 = RunDir(run_dir).dump
     if h5.exists():
         try:
             with warnings.catch_warnings():
@@ -135,7 +136,7 @@ def collect(path: Path | str) -> dict[str, Any]:
         missing = "NEVER_RAN" if "_" in jid else "UNKNOWN"  # a fresh plain job may lag in sacct
         state = (a["State"] if a else missing) if slurm else _local_state(folder, jid)
         its = planned
-        cfg = run_dir / "config.yaml"
+        cfg = RunDir(run_dir).config
         if cfg.exists():
             import yaml
 

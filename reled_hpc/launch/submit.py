@@ -40,13 +40,13 @@ def make_executor(folder: Path, spec: SlurmSpec) -> Any:
 
 def check_config(cfg: Any, spec: SlurmSpec, where: str) -> None:
     """What would only fail once the job runs, refused now."""
-    from ..maps import BUILTIN_MAPS
+    from ..experiment.config import agent_counts
+    from ..sim.maps import BUILTIN_MAPS
 
-    ranks = spec.ntasks
-    if cfg.dist.total_agents and cfg.dist.total_agents < ranks:
-        raise ConfigError(
-            f"{where}: dist.total_agents={cfg.dist.total_agents} leaves ranks without agents ({ranks} ranks)"
-        )
+    try:
+        agent_counts(cfg, spec.ntasks)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
     m = cfg.env.map
     if m not in BUILTIN_MAPS and not Path(m).expanduser().exists():
         raise ConfigError(f"{where}: env.map {m!r} is neither a built-in map ({', '.join(BUILTIN_MAPS)}) nor a path")
@@ -82,29 +82,30 @@ def submit(
 ) -> Submitted:
     """Validate, then submit. `resources` are SlurmSpec fields from the command line (None = from
     the config's `slurm:` section or the default); `llm` is None, "vllm" or "embedded"."""
-    from ..train import TrainConfig, load_config
+    from ..experiment.config import TrainConfig, load_config
+    from ..experiment.run_dir import RunDir
 
     where = str(config)
     if resume is not None:
-        run_dir = Path(resume).resolve()
-        if not (run_dir / "config.yaml").exists():
-            raise ReledError(f"{run_dir} is not a run folder (no config.yaml) to resume")
-        cfg: TrainConfig = load_config(run_dir / "config.yaml")
-        where = str(run_dir / "config.yaml")
+        run = RunDir(Path(resume).resolve()).require_run()
+        run_dir = run.path
+        cfg: TrainConfig = load_config(run.config)
+        where = str(run.config)
     else:
         cfg = load_config(config, overrides)
         if name:
             cfg.name = name
             cfg.validate()
-        run_dir = (Path(cfg.runs_dir) / cfg.name).resolve()
-        if (run_dir / "config.yaml").exists() or (run_dir / "trajectories.h5").exists():
+        run = RunDir((Path(cfg.runs_dir) / cfg.name).resolve())
+        run_dir = run.path
+        if run.is_run() or run.has_dump():
             raise ReledError(f"run folder {run_dir} already holds a run: pass --resume {run_dir} or another --name")
     section = {k: v for k, v in cfg.slurm.items() if k != LLM_SECTION}
     spec = spec_from(section, f"{where}: slurm", **(resources or {}))
     check_config(cfg, spec, where)
     server_spec = None
     if llm:
-        if cfg.algorithm != "reled" or cfg.hpo.expert != "llm":
+        if not cfg.uses_llm:
             raise ConfigError(f"{where}: --llm needs algorithm reled with hpo.expert llm (the SED expert)")
         server_spec = llm_server_spec(cfg, where, **(llm_resources or {}))
         if llm == "vllm" and server_spec.cluster == "slurm" and not server_spec.gres:
@@ -116,7 +117,7 @@ def submit(
     run_dir.mkdir(parents=True, exist_ok=True)
     server_id = None
     if server_spec is not None:
-        llm_dir = run_dir / "llm"
+        llm_dir = run.llm
         # a stale endpoint file from an earlier server must not be mistaken for the new one
         (llm_dir / "endpoint.json").unlink(missing_ok=True)
         argv = _server_argv(llm, llm_model, llm_dir, server_spec, list(llm_args or []))

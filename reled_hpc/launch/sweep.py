@@ -86,7 +86,7 @@ def _short(key: str, value: Any) -> str:
 
 def plan(path: Path | str, out: Path | str | None = None) -> tuple[SweepFile, Path, list[Task]]:
     """Expand and validate every task's config (nothing is written)."""
-    from ..train import load_config
+    from ..experiment.config import load_config
 
     path = Path(path)
     sw = from_dict(SweepFile, load_yaml(path), str(path))
@@ -123,7 +123,7 @@ def submit_sweep(
 ) -> dict[str, Any]:
     """Plan, validate (configs and resources), write the sweep folder, submit one job array.
     `dry_run`: validate only; `plan_only`: also write the folder (for slurm/sweep_array.sbatch)."""
-    from ..train import config_yaml
+    from ..experiment.config import config_yaml
     from .jobs import TrainJob
 
     sw, sweep_dir, tasks = plan(path, out)

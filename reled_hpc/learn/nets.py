@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..env import CAND_FEATURES, SELF_FEATURES
+from ..sim.env import CAND_FEATURES, SELF_FEATURES
 
 N_SELF = len(SELF_FEATURES)
 N_CAND = len(CAND_FEATURES)

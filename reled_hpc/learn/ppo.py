@@ -6,7 +6,6 @@ vector. Nothing here touches the env."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,33 +13,9 @@ import torch
 from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
 
 from . import losses
+from .config import PPOConfig
 from .nets import PointerNet
 from .rollout import Actor, Batch
-
-
-@dataclass
-class PPOConfig:
-    lr: float = 3e-4
-    gamma: float = 0.99
-    lam: float = 0.95
-    clip: float = 0.2
-    epochs: int = 4
-    minibatch: int = 256
-    vf_coef: float = 0.5
-    ent_coef: float = 0.01
-    max_grad_norm: float = 0.5
-    hidden: int = 64
-
-    def validate(self, where: str = "ppo") -> None:
-        from ..config import require
-
-        require(self.lr > 0, f"{where}.lr", "must be > 0")
-        require(0 < self.gamma <= 1, f"{where}.gamma", "must be in (0, 1]")
-        require(0 <= self.lam <= 1, f"{where}.lam", "must be in [0, 1]")
-        require(0 < self.clip < 1, f"{where}.clip", "must be in (0, 1)")
-        require(self.epochs >= 1, f"{where}.epochs", "must be >= 1")
-        require(self.minibatch >= 1, f"{where}.minibatch", "must be >= 1")
-        require(self.hidden >= 4, f"{where}.hidden", "must be >= 4")
 
 
 def advantages(batch: Batch, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -95,6 +70,9 @@ class PPOLearner:
         self.opt.load_state_dict(state["opt"])
         self.sample_gen.set_state(state["gen"])
         self.shuffle_rng.bit_generator.state = state["shuffle"]
+
+    def begin_iteration(self, iteration: int) -> None:
+        """Nothing to schedule: PPO's hyper-parameters are constant over iterations."""
 
     # ---- acting ----------------------------------------------------------------------------------
     def reseed_actor(self, seed: int) -> None:

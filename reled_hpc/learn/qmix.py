@@ -35,8 +35,8 @@ Target networks: HARD copy of (Q net, mixer) every `target_update` gradient step
 iterations; the count is checkpointed), as in the original QMIX.
 
 Epsilon: linear from eps_start to eps_end over eps_decay_iterations ITERATIONS. The trainer calls
-`set_iteration(it)` before rolling out iteration `it`; `update()` also advances the counter by one,
-so a trainer that never calls set_iteration still gets the schedule (one update per iteration).
+`begin_iteration(it)` before rolling out iteration `it`; `update()` also advances the counter by one,
+so a trainer that never calls begin_iteration still gets the schedule (one update per iteration).
 """
 
 from __future__ import annotations
@@ -50,52 +50,10 @@ import torch
 from torch.nn import functional as F
 from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
 
+from .config import QMIXConfig
 from .mixer import QMixer
 from .nets import N_SELF, PointerNet
 from .rollout import Actor, Batch
-
-
-@dataclass
-class QMIXConfig:
-    lr: float = 5e-4
-    gamma: float = 0.99
-    buffer_decisions: int = 200_000  # replay capacity in decision rows (whole groups are evicted FIFO)
-    batch_groups: int = 32  # groups (joint transitions) per gradient step
-    updates_per_iteration: int = 100  # gradient steps per update() call
-    target_update: int = 200  # hard target copy every K gradient steps
-    eps_start: float = 1.0
-    eps_end: float = 0.05
-    eps_decay_iterations: int = 50  # linear decay over iterations; 0 = eps_end from the start
-    hidden: int = 64
-    mixer_embed: int = 32
-    mixer_hidden: int = 64
-    double_q: bool = True
-    max_grad_norm: float = 10.0
-    checkpoint_buffer: bool = True  # save the replay contents in state_dict (else only its counters/RNG)
-
-    def validate(self, where: str = "qmix") -> None:
-        from ..config import require
-
-        require(self.lr > 0, f"{where}.lr", "must be > 0")
-        require(0 < self.gamma <= 1, f"{where}.gamma", "must be in (0, 1]")
-        require(self.buffer_decisions >= 1, f"{where}.buffer_decisions", "must be >= 1")
-        require(self.batch_groups >= 1, f"{where}.batch_groups", "must be >= 1")
-        require(self.updates_per_iteration >= 1, f"{where}.updates_per_iteration", "must be >= 1")
-        require(self.target_update >= 1, f"{where}.target_update", "must be >= 1")
-        require(0 <= self.eps_end <= 1, f"{where}.eps_end", "must be in [0, 1]")
-        require(self.eps_end <= self.eps_start <= 1, f"{where}.eps_start", "must be in [eps_end, 1]")
-        require(self.eps_decay_iterations >= 0, f"{where}.eps_decay_iterations", "must be >= 0")
-        require(self.hidden >= 4, f"{where}.hidden", "must be >= 4")
-        require(self.mixer_embed >= 1, f"{where}.mixer_embed", "must be >= 1")
-        require(self.mixer_hidden >= 1, f"{where}.mixer_hidden", "must be >= 1")
-        require(self.max_grad_norm > 0, f"{where}.max_grad_norm", "must be > 0")
-
-    def epsilon(self, iteration: int) -> float:
-        if self.eps_decay_iterations == 0:
-            return self.eps_end
-        frac = min(max(iteration, 0) / self.eps_decay_iterations, 1.0)
-        return self.eps_start + (self.eps_end - self.eps_start) * frac
-
 
 # ---- group / next-row construction (vectorised, O(n log n)) -----------------------------------------
 
@@ -313,7 +271,8 @@ class QMIXLearner:
         self.grad_steps = 0
 
     # ---- schedule --------------------------------------------------------------------------------
-    def set_iteration(self, it: int) -> None:
+    def begin_iteration(self, it: int) -> None:
+        """Iteration `it` is about to roll out: its epsilon applies."""
         self.iteration = int(it)
 
     @property
@@ -353,7 +312,7 @@ class QMIXLearner:
         self.act_rng = np.random.default_rng(seed)
 
     def actor(self, greedy: bool = False) -> Actor:
-        """Epsilon-greedy over valid candidates (epsilon read at each call, so set_iteration applies).
+        """Epsilon-greedy over valid candidates (epsilon read at each call, so begin_iteration applies).
         logp: log-probability of the chosen action under that distribution; value: max valid Q."""
         net, rng = self.net, self.act_rng
 

@@ -10,12 +10,12 @@ weight vector.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ..env import NavigationEnv
+from ..sim.env import NavigationEnv
+from ..sim.policies import Actor, deciding
 
 Batch = dict[str, np.ndarray]
 
@@ -37,9 +37,6 @@ COLUMNS: dict[str, np.dtype] = {
     "gstate": np.dtype(np.float32),
     "step": np.dtype(np.int32),
 }
-
-# Actor: (obs [B, D], mask [B, A], gstate [G]) -> (actions [B], logp [B], value [B])
-Actor = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def empty_batch(obs_dim: int, a_max: int, g_dim: int) -> Batch:
@@ -79,15 +76,15 @@ def collect_episode(env: NavigationEnv, actor: Actor, seed: int, episode: int) -
                 # elapsed time is observed, so the horizon is part of the task: truncation ends it too
                 cols["terminal"][j] = True
                 del open_row[aid]
-        deciding = [a for a in obs if infos[a]["action_mask"].any()]
-        if not deciding:
+        now = deciding(obs, infos)
+        if not now:
             break
-        o = np.stack([obs[a] for a in deciding])
-        m = np.stack([infos[a]["action_mask"] for a in deciding])
+        o = np.stack([obs[a] for a in now])
+        m = np.stack([infos[a]["action_mask"] for a in now])
         g = env.global_state()
         acts, logp, value = actor(o, m, g)
         actions = {}
-        for i, aid in enumerate(deciding):
+        for i, aid in enumerate(now):
             open_row[aid] = len(cols["episode"])
             x, y = infos[aid]["xy"]
             cols["episode"].append(episode)
@@ -114,22 +111,3 @@ def collect_episode(env: NavigationEnv, actor: Actor, seed: int, episode: int) -
     if cols["episode"]:
         batch = {k: np.asarray(v, dtype=COLUMNS[k]) for k, v in cols.items()}
     return batch, env.metrics()
-
-
-def reference_actor(env: NavigationEnv, name: str, seed: int = 0) -> Actor:
-    """Wrap a reference policy (shortest_path, fastest_path, random) as an Actor. It acts on the
-    env's current deciding agents, in the order the collector stacks them (obs order)."""
-    from ..policies import make_policy
-
-    policy = make_policy(name, seed)
-
-    def act(o: np.ndarray, m: np.ndarray, g: np.ndarray):
-        deciding = env.deciding_agents
-        if len(deciding) != len(o):
-            raise RuntimeError("reference actor out of step with the env")
-        infos = {a: {"action_mask": m[i]} for i, a in enumerate(deciding)}
-        chosen = policy.act(env, dict.fromkeys(deciding), infos)
-        acts = np.array([chosen[a] for a in deciding], dtype=np.int64)
-        return acts, np.zeros(len(o), np.float32), np.zeros(len(o), np.float32)
-
-    return act

@@ -12,7 +12,7 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .roadgraph import RoadGraph
 
 # background vehicles per hour per lane-km of road

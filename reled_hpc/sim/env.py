@@ -31,9 +31,9 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from .config import require
+from ..config import require
+from ..errors import EnvError
 from .demand import TRAFFIC_RATES, Trip, agent_trips, background_trips, capacity, check_feasible, write_routes
-from .errors import EnvError
 from .maps import MapBundle, resolve_map
 from .sumo_tools import sumo_home
 
@@ -536,7 +536,7 @@ class NavigationEnv:
         e = st.plan[min(st.pos, len(st.plan) - 1)]
         return (float(self.graph.start_xy[e, 0]), float(self.graph.start_xy[e, 1]))
 
-    def _live_stats(self, e: int) -> tuple[float, float]:
+    def live_stats(self, e: int) -> tuple[float, float]:
         """(occupancy, mean speed) of edge `e` in the last step; one libsumo query per edge per step."""
         hit = self._edge_stats.get(e)
         if hit is None:  # an empty edge reports its speed limit as mean speed
@@ -571,7 +571,7 @@ class NavigationEnv:
                 k / a_max,
             ]
             for c, d in zip(cands, dists, strict=True):
-                occ, spd = self._live_stats(c)
+                occ, spd = self.live_stats(c)
                 sx, sy = start_xy[c]
                 tx, ty = gx - sx, gy - sy
                 norm = (tx * tx + ty * ty) ** 0.5

@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import MapError
+from .. import __version__
+from ..errors import MapError
 from .roadgraph import RoadGraph
 from .sumo_tools import run_tool, sumo_home
 

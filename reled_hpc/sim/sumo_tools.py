@@ -7,7 +7,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import MapError, SetupError
+from ..errors import MapError, SetupError
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,156 @@
+"""The typed config of a training run: every section, loading with `--set` overrides, and the agent split.
+
+Sections of lower layers live with the code they configure, as plain dataclasses that import nothing
+heavy (`sim.env.EnvConfig`, `learn.config.PPOConfig` / `QMIXConfig`, `expert.config.SEDConfig`);
+this module composes them into `TrainConfig` and holds the sections that only the experiment reads.
+An unknown key, a wrong type or an impossible value raises ConfigError naming the file and the
+dotted key, before any work starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..config import from_dict, load_yaml, require, to_dict
+from ..errors import ConfigError
+from ..expert.config import SEDConfig
+from ..learn.config import PPOConfig, QMIXConfig
+from ..sim.env import EnvConfig
+
+
+@dataclass
+class LLMConfig:
+    """Where SED's LLM is: "" starts the embedded CPU server on rank 0 with `model`; an URL
+    (http://host:port/v1, e.g. a vLLM server) or a folder/file with serve-llm's endpoint.json."""
+
+    endpoint: str = ""
+    model: str = "qwen2.5-coder-0.5b"  # embedded: registry name or GGUF path; URL: the served model name
+    n_ctx: int = 4096
+    wait_s: float = 900.0  # bound on waiting for an endpoint file and its server
+    timeout_s: float = 300.0  # per request
+    # keep temperature-0 answers on disk ($RELED_HPC_CACHE/llm_responses) and reuse them: a rerun or a
+    # resume that asks the same prompts gets the same answers without the model (and much faster)
+    cache: bool = True
+
+    def validate(self, where: str = "llm") -> None:
+        require(self.n_ctx >= 1024, f"{where}.n_ctx", "must be >= 1024 (plan prompts are ~2k tokens)")
+        require(self.wait_s > 0 and self.timeout_s > 0, where, "wait_s and timeout_s must be > 0")
+
+
+@dataclass
+class HPOConfig:
+    expert: Literal["oracle", "none", "llm"] = "oracle"
+    oracle_policy: Literal["shortest_path", "fastest_path"] = "shortest_path"
+    kappa: float = 5.0
+    dtw_radius: int = 1
+    scenario_period: int = 1  # iterations sharing one traffic scenario; experts are cached per scenario
+
+    def validate(self, where: str = "hpo") -> None:
+        require(self.kappa >= 0, f"{where}.kappa", f"must be >= 0, got {self.kappa}")
+        require(self.dtw_radius >= 1, f"{where}.dtw_radius", "must be >= 1")
+        require(self.scenario_period >= 1, f"{where}.scenario_period", "must be >= 1")
+
+
+@dataclass
+class DistConfig:
+    total_agents: int = 0  # > 0: split this many agents over the ranks (env.n_agents is then ignored)
+
+    def validate(self, where: str = "dist") -> None:
+        require(self.total_agents >= 0, f"{where}.total_agents", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    algorithm: str = "reled"  # a name in reled_hpc.experiment.algorithms.ALGORITHMS
+    seed: int = 0
+    iterations: int = 50
+    episodes_per_iteration: int = 1
+    checkpoint_every: int = 5
+    keep_checkpoints: int = 3
+    runs_dir: str = "runs"
+    tensorboard: bool = True
+    torch_threads: int = 1  # the networks are small: more threads only contend with SUMO and other ranks
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    hpo: HPOConfig = field(default_factory=HPOConfig)
+    qmix: QMIXConfig = field(default_factory=QMIXConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    sed: SEDConfig = field(default_factory=SEDConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    # SLURM submission settings (`reled-hpc submit`); checked by reled_hpc.launch.spec, unused by training
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str = "config") -> None:
+        from .algorithms import ALGORITHMS
+
+        require(self.algorithm in ALGORITHMS, f"{where}.algorithm",
+                f"{self.algorithm!r} is not one of {', '.join(map(repr, ALGORITHMS))}")  # fmt: skip
+        require(bool(self.name) and "/" not in self.name, f"{where}.name", "must be a non-empty folder name")
+        require(self.iterations >= 1, f"{where}.iterations", f"must be >= 1, got {self.iterations}")
+        require(self.episodes_per_iteration >= 1, f"{where}.episodes_per_iteration", "must be >= 1")
+        require(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
+        require(self.keep_checkpoints >= 1, f"{where}.keep_checkpoints", "must be >= 1")
+        require(self.torch_threads >= 1, f"{where}.torch_threads", "must be >= 1")
+
+    @property
+    def uses_llm(self) -> bool:
+        """SED's LLM expert is part of this run."""
+        from .algorithms import get_algorithm
+
+        return get_algorithm(self.algorithm).uses_expert and self.hpo.expert == "llm"
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items (dotted keys, YAML values) as {dotted key: value}."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE (dotted keys, e.g. env.n_agents=20), got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The config file at `path` with dotted-key `overrides` applied (env.n_agents=20), checked."""
+    data = load_yaml(path)
+    for key, value in (overrides or {}).items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return from_dict(TrainConfig, data, str(path))
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The config as the YAML a run folder and its dump keep (loads back to the same config)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def split_agents(total: int, ranks: int) -> list[int]:
+    """Agents per rank: as even as possible, the first ranks take the remainder."""
+    return [total // ranks + (r < total % ranks) for r in range(ranks)]
+
+
+def agent_counts(cfg: TrainConfig | Mapping[str, Any], ranks: int) -> list[int]:
+    """Agents of each of `ranks` ranks: `dist.total_agents` split over them when > 0, else
+    `env.n_agents` on every rank. `cfg` is a TrainConfig or a config mapping as a dump stores it
+    (missing keys take the defaults). ConfigError when a rank would have no agent."""
+    if isinstance(cfg, TrainConfig):
+        total, n = cfg.dist.total_agents, cfg.env.n_agents
+    else:
+        total = (cfg.get("dist") or {}).get("total_agents", DistConfig.total_agents)
+        n = (cfg.get("env") or {}).get("n_agents", EnvConfig.n_agents)
+    if ranks < 1:
+        raise ConfigError(f"{ranks} ranks: need at least one")
+    counts = split_agents(total, ranks) if total else [n] * ranks
+    if min(counts) < 1:
+        raise ConfigError(f"dist.total_agents={total} leaves ranks without agents ({ranks} ranks)")
+    return counts

@@ -1,0 +1,142 @@
+"""Metric and column names of a run, and how they are computed from one iteration's results.
+
+Each rank sends a fixed vector of `RANK_METRICS` (its own episodes); rank 0 reduces the vectors of
+all ranks into the iteration's row of the dump's `metrics/` group (`iteration_row`): the schema's
+columns (reled_hpc.io.schema.METRIC_COLUMNS) plus `EXTRA_METRICS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..finite import finite_max, finite_sum
+from ..learn.rollout import Batch
+
+EXTRA_METRICS = (
+    "policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "decisions", "bg_mean_travel_time",
+    "expert_travel_time", "expert_arrival_rate", "failed_rate", "update_s", "rollout_s", "expert_s",
+    "mean_time_censored", "td_loss", "epsilon", "dtw_s", "comm_s", "comm_bytes", "write_s", "ranks", "rss_mb_max",
+    "external_change_max", "sed_cycle", "llm_cache_hits",
+)  # fmt: skip
+
+# SED's figures of a rank's expert episodes in one iteration (sed_stats)
+SED_KEYS = ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s", "external_change_max", "sed_cycle",
+            "llm_cache_hits")  # fmt: skip
+
+# a rank's metrics vector, in this order (gathered as one float64 row per rank)
+RANK_METRICS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_travel_time", "mean_time_censored",
+                "failed_rate", "expert_travel_time", "expert_arrival_rate", "env_steps", "decisions", "rollout_s",
+                "expert_s", "dtw_s", "rss_mb", *SED_KEYS)  # fmt: skip
+
+# episode metrics (env.metrics()) averaged over a rank's episodes, then over ranks
+EPISODE_MEANS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_travel_time", "mean_time_censored")
+LEARNER_STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "td_loss", "epsilon")
+TIMING_MAX = ("rollout_s", "expert_s", "dtw_s")  # the slowest rank: the others wait for it at the gather
+
+# agent/ and expert/ row columns that come from a rollout batch (iteration and rank are added)
+DUMP_COLUMNS = ("episode", "agent_id", "t", "obs", "action", "action_mask", "reward", "done", "logp", "value", "x", "y")
+
+
+def dump_rows(batch: Batch, iteration: int) -> dict[str, np.ndarray]:
+    """A rollout batch as the HDF5 dump's agent/ or expert/ rows (rank 0 when the batch has none)."""
+    n = len(batch["action"])
+    rank = batch["rank"] if "rank" in batch else np.zeros(n, np.int16)
+    return {"iteration": np.full(n, iteration, np.int32), "rank": rank, **{k: batch[k] for k in DUMP_COLUMNS}}
+
+
+def program_rows(programs: Sequence[Mapping[str, Any]], rank: int) -> list[dict[str, Any]]:
+    """An expert's program records as rows of the dump's programs/ group, marked with their rank
+    (subset numbers are per rank)."""
+    return [{**row, "rank": rank} for row in programs]
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def sed_stats(estats: list[dict[str, Any]], fresh: list[bool] | None = None) -> dict[str, float]:
+    """SED figures of a rank's expert episodes: NaN for oracle experts, and NaN (with sed_cycle 0) in an
+    iteration that reuses its scenario's demonstrations, so that means over iterations count each
+    cycle once. `fresh[i]`: episode i's demonstration was computed in this iteration."""
+    fresh = [True] * len(estats) if fresh is None else fresh
+    if not estats or "execution_rate" not in estats[0]:
+        return dict.fromkeys(SED_KEYS, float("nan"))
+    now = [s for s, f in zip(estats, fresh, strict=True) if f]
+    if not now:
+        return {**dict.fromkeys(SED_KEYS, float("nan")), "sed_cycle": 0.0, "llm_cache_hits": 0.0}
+
+    def vals(key: str) -> np.ndarray:
+        return np.array([float(s.get(key, np.nan)) for s in now], np.float64)
+
+    er = vals("execution_rate")
+    return {
+        "execution_rate": float(np.nanmean(er)) if np.isfinite(er).any() else float("nan"),
+        "rvi_max": finite_max(vals("rvi_max")),
+        "pdi_max": finite_max(vals("pdi_max")),
+        "llm_latency_s": float(np.nansum(vals("llm_latency_s"))),
+        # measured |mean return change| of agents outside a subset, in RVI's units (RVI bounds it)
+        "external_change_max": finite_max(vals("measured_external_change")),
+        "sed_cycle": 1.0,
+        "llm_cache_hits": float(np.nansum(vals("cache_hits"))),
+    }
+
+
+def rank_metrics(episodes: list[dict[str, Any]], expert_stats: list[dict[str, Any]], fresh: list[bool],
+                 timings: Mapping[str, float]) -> np.ndarray:  # fmt: skip
+    """A rank's RANK_METRICS vector from its episodes' env.metrics(), its expert episodes' stats and
+    `timings` (env_steps, decisions, rollout_s, expert_s, dtw_s, rss_mb)."""
+    vec: dict[str, float] = {}
+    for k in EPISODE_MEANS:
+        vals = [m[k] for m in episodes if not np.isnan(m[k])]
+        vec[k] = float(np.mean(vals)) if vals else float("nan")
+    vec["failed_rate"] = float(np.mean([m["failed"] / max(m["agents"], 1) for m in episodes]))
+    nan = float("nan")
+    vec["expert_travel_time"] = (
+        float(np.nanmean([s["expert_travel_time"] for s in expert_stats])) if expert_stats else nan
+    )
+    vec["expert_arrival_rate"] = float(np.mean([s["expert_arrival"] for s in expert_stats])) if expert_stats else nan
+    vec.update(timings)
+    vec.update(sed_stats(expert_stats, fresh))
+    return np.array([vec[k] for k in RANK_METRICS], np.float64)
+
+
+def iteration_row(iteration: int, env_steps: int, per_rank: np.ndarray, alpha: np.ndarray | None, dtw: np.ndarray,
+                  learner_stats: Mapping[str, float], timings: Mapping[str, float]) -> dict[str, float]:  # fmt: skip
+    """The metrics row of an iteration from every rank's RANK_METRICS vector (`per_rank`: [ranks, K]),
+    the per-agent alpha (None without an expert) and DTW, the update's stats and rank 0's `timings`
+    (comm_s, comm_bytes, update_s, ranks). env_steps: the run's total so far."""
+    per = {k: per_rank[:, i] for i, k in enumerate(RANK_METRICS)}
+
+    def mean(k: str) -> float:
+        return _nanmean(per[k])
+
+    return {
+        "iteration": float(iteration),
+        "env_steps": float(env_steps),
+        **{k: mean(k) for k in EPISODE_MEANS},
+        "alpha_mean": float(np.mean(alpha)) if alpha is not None else float("nan"),
+        "dtw_mean": float(np.nanmean(dtw)) if np.isfinite(dtw).any() else float("nan"),
+        "rvi_max": finite_max(per["rvi_max"]),
+        "pdi_max": finite_max(per["pdi_max"]),
+        "execution_rate": mean("execution_rate"),
+        "llm_latency_s": finite_max(per["llm_latency_s"]),  # ranks ask in parallel: the slowest
+        "external_change_max": finite_max(per["external_change_max"]),
+        "sed_cycle": finite_max(per["sed_cycle"]),  # 1: a SED cycle ran this iteration, 0: demonstrations reused
+        "llm_cache_hits": finite_sum(per["llm_cache_hits"]),
+        "decisions": float(per["decisions"].sum()),
+        **{k: mean(k) for k in ("expert_travel_time", "expert_arrival_rate", "failed_rate")},
+        **{k: float(per[k].max()) for k in TIMING_MAX},
+        **timings,
+        "rss_mb_max": float(per["rss_mb"].max()),
+        **{k: learner_stats.get(k, float("nan")) for k in LEARNER_STATS},
+    }
+
+
+def rank_env_steps(per_rank: np.ndarray) -> int:
+    """Simulation steps of an iteration over all ranks."""
+    return int(per_rank[:, RANK_METRICS.index("env_steps")].sum())

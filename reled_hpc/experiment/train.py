@@ -1,0 +1,443 @@
+"""`reled-hpc train CONFIG.yaml`: the training loop, checkpoints and resume.
+
+Per iteration: roll out `episodes_per_iteration` episodes with the current weights (rollout side),
+fetch expert demonstrations of the same scenarios (RELED), compute per-agent DTW and alpha,
+update (learner side), append everything to the HDF5 dump, log, checkpoint every K iterations.
+SIGTERM/SIGINT finish the current iteration, checkpoint and exit cleanly; `--resume RUN_DIR`
+continues with no lost or duplicated iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import to_dict
+from ..errors import ReledError
+from ..expert.base import ExpertSource
+from ..expert.cache import DemonstrationCache
+from ..learn.rollout import Batch, collect_episode, concat
+from ..sim.env import NavigationEnv
+from .algorithms import get_algorithm
+from .config import TrainConfig, agent_counts, config_yaml, load_config
+from .metrics import EXTRA_METRICS, dump_rows, iteration_row, program_rows, rank_env_steps, rank_metrics
+from .run_dir import RunDir
+from .seeds import actor_seed, episode_index, expert_seed, scenario_seed
+
+log = logging.getLogger("reled_hpc.train")
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to stop after the current iteration (a second SIGINT aborts)."""
+
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if self.announce:
+            log.warning("%s received: finishing this iteration, then checkpoint and exit", self.requested)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """The training loop of one rank. Rank 0 is the learner (it also rolls out); it alone writes
+    the HDF5 dump, checkpoints and TensorBoard. With one rank no MPI is involved."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False, comm: Any = None) -> None:
+        from ..dist.comm import SerialComm
+
+        self.cfg = cfg
+        torch.set_num_threads(cfg.torch_threads)
+        self.comm = comm or SerialComm()
+        self.rank, self.size = self.comm.rank, self.comm.size
+        self.root = self.rank == 0
+        self.folder = RunDir(run_dir)
+        self.run_dir = self.folder.path
+        counts = agent_counts(cfg, self.size)
+        self.n_agents = counts[self.rank]
+        self.n_agents_total = sum(counts)
+        self.agent_offset = sum(counts[: self.rank])
+        self.env = NavigationEnv(dataclasses.replace(cfg.env, n_agents=self.n_agents))
+        self.algorithm = get_algorithm(cfg.algorithm)
+        self.learner = self.algorithm.make_learner(cfg, len(NavigationEnv.GLOBAL_FEATURES))
+        self._llm_server: Any = None
+        self.expert: ExpertSource | None = self._make_expert()
+        self._programs: list[dict[str, Any]] = []
+        self.start_iteration = 0
+        self.env_steps = 0
+        self.wall_s = 0.0
+        self.writer = None
+        self.tb = None
+        if self.root:
+            self._init_root(resume)
+        self.start_iteration = int(self.comm.bcast_obj(self.start_iteration))
+        self.demos: DemonstrationCache | None = None
+        if self.expert is not None:
+            # policy-dependent demonstrations are kept on disk when a scenario spans iterations (resume)
+            persist = cfg.hpo.scenario_period > 1 and self.expert.policy_dependent
+            path = self.folder.expert_cache / f"rank{self.rank:05d}.pkl" if persist else None
+            self.demos = DemonstrationCache(self.expert, path, self._expert_key(), self.start_iteration,
+                                            label=f"rank {self.rank}: ")  # fmt: skip
+
+    def _make_expert(self) -> ExpertSource | None:
+        cfg = self.cfg
+        if not self.algorithm.uses_expert or cfg.hpo.expert == "none":
+            return None
+        if cfg.hpo.expert == "oracle":
+            from ..expert.oracle import OracleExpert
+
+            return OracleExpert(cfg.hpo.oracle_policy)
+        return self._make_llm_expert()
+
+    def _make_llm_expert(self) -> ExpertSource:
+        """Rank 0 starts the embedded server when no endpoint is configured; every rank gets the
+        endpoint by broadcast and sends its own subsets' requests."""
+        from ..expert.llm_expert import LLMExpert
+        from ..llm.cache import ResponseCache
+        from ..llm.server import EmbeddedServer, Endpoint, wait_for_endpoint
+
+        llm = self.cfg.llm
+        ep = None
+        if self.root:
+            if not llm.endpoint:
+                log.info("starting the embedded LLM server (%s)", llm.model)
+                self._llm_server = EmbeddedServer(llm.model, n_ctx=llm.n_ctx, log_path=self.folder.llm_server_log)
+                self._llm_server.__enter__()
+                ep = self._llm_server.endpoint
+            elif llm.endpoint.startswith(("http://", "https://")):
+                ep = Endpoint(base_url=llm.endpoint.rstrip("/"), model=llm.model, backend="vllm")
+            else:
+                ep = wait_for_endpoint(llm.endpoint, timeout_s=llm.wait_s)
+            log.info("SED LLM endpoint: %s (model %s, %s)", ep.base_url, ep.model, ep.backend)
+        ep = self.comm.bcast_obj(ep)
+        cache = ResponseCache() if llm.cache else None
+        client = ep.client(timeout_s=llm.timeout_s, cache=cache)
+        return LLMExpert(client, self.cfg.sed, seed=expert_seed(self.cfg, self.rank))
+
+    def _expert_key(self) -> str:
+        """What a persisted demonstration must match: the scenario's inputs and this rank's share of agents."""
+        c = self.cfg
+        parts = (c.seed, to_dict(c.env), to_dict(c.hpo), to_dict(c.sed), c.llm.model, self.rank, self.size,
+                 self.n_agents, self.agent_offset)  # fmt: skip
+        return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+    def _policy_log_probs(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The current policy's log-probabilities at given states (for PDI/RVI)."""
+        from ..learn.losses import masked_log_probs
+
+        net = self.learner.net
+        with torch.no_grad():
+            o, m = torch.from_numpy(np.asarray(obs, np.float32)), torch.from_numpy(np.asarray(mask, bool))
+            g = torch.zeros((len(o), net.global_dim)) if net.global_dim else None
+            scores, _ = net(o, m, g)
+            return masked_log_probs(scores, m).numpy()
+
+    def _init_root(self, resume: bool) -> None:
+        from ..io import TrajectoryWriter
+
+        cfg, run = self.cfg, self.folder
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        run.config.write_text(config_yaml(cfg))
+        ckpt = self.latest_checkpoint() if resume else None
+        if resume and ckpt is None:
+            log.info("no checkpoint in %s: starting from iteration 0", run.checkpoints)
+        if ckpt is not None:
+            state = torch.load(ckpt, weights_only=False)
+            self.learner.load_state_dict(state["learner"])
+            torch.set_rng_state(state["torch_rng"])
+            self.start_iteration = state["iteration"] + 1
+            self.env_steps = state["env_steps"]
+            self.wall_s = state["wall_s"]
+            log.info("resuming %s from %s (iteration %d done)", run, ckpt.name, state["iteration"])
+        self.writer = TrajectoryWriter(
+            run.dump,
+            config_yaml=config_yaml(cfg),
+            obs_dim=cfg.env.obs_dim,
+            a_max=cfg.env.a_max,
+            extra_metrics=EXTRA_METRICS,
+            resume=resume and run.has_dump(),
+            # iterations the dump holds beyond the checkpoint are redone: drop them first
+            keep_through=self.start_iteration - 1,
+        )
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run.tensorboard), purge_step=self.start_iteration)
+            except ImportError:
+                log.warning("tensorboard is not installed: no TensorBoard scalars (metrics are in the HDF5 file)")
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = sorted(self.folder.checkpoints.glob("ckpt_*.pt"))
+        return ckpts[-1] if ckpts else None
+
+    def save_checkpoint(self, iteration: int) -> Path:
+        path = self.folder.checkpoints / f"ckpt_{iteration:06d}.pt"
+        tmp = path.with_suffix(".tmp")
+        state = {
+            "iteration": iteration,
+            "learner": self.learner.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "env_steps": self.env_steps,
+            "wall_s": self.wall_s,
+            "config": config_yaml(self.cfg),
+            "package_version": __version__,
+        }
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a kill leaves the old or the new checkpoint, never half of one
+        for old in sorted(self.folder.checkpoints.glob("ckpt_*.pt"))[: -self.cfg.keep_checkpoints]:
+            old.unlink()
+        return path
+
+    # ---- one iteration ---------------------------------------------------------------------------
+    def _local_rollout(self, it: int) -> tuple[Batch, Batch | None, np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's episodes, expert episodes, per-agent alpha/dtw and metrics vector."""
+        from ..learn.hpo import agent_alphas
+
+        cfg, E = self.cfg, self.cfg.episodes_per_iteration
+        fault = os.environ.get("RELED_HPC_FAULT")  # test hook: "RANK:ITERATION" raises there
+        if fault and fault == f"{self.rank}:{it}":
+            raise RuntimeError(f"injected fault on rank {self.rank} at iteration {it} (RELED_HPC_FAULT)")
+        t0 = time.perf_counter()
+        self.learner.begin_iteration(it)
+        self.learner.reseed_actor(actor_seed(cfg, it, self.rank))
+        actor = self.learner.actor()
+        episodes = [episode_index(cfg, it, self.rank, self.size, k) for k in range(E)]
+        seeds = [scenario_seed(cfg, it, k, self.rank) for k in range(E)]
+        batches, mets, steps = [], [], 0
+        for seed, episode in zip(seeds, episodes, strict=True):
+            batch, m = collect_episode(self.env, actor, seed, episode)
+            batches.append(batch)
+            mets.append(m)
+            steps += self.env.sim_steps
+        agent = concat(batches)
+        t1 = time.perf_counter()
+        expert, estats, fresh, dtw_s = None, [], [], 0.0
+        alpha = np.ones(self.n_agents, np.float32)
+        dtw = np.full(self.n_agents, np.nan)
+        if self.expert is not None and self.demos is not None:
+            self.expert.set_policy(self._policy_log_probs)
+            self.demos.keep_only(seeds)
+            ebatches = []
+            for seed, episode in zip(seeds, episodes, strict=True):
+                eb, st, new = self.demos.episode(self.env, it, seed, episode)
+                ebatches.append(eb)
+                estats.append(st)
+                fresh.append(new)
+            expert = concat(ebatches)
+            t2 = time.perf_counter()
+            # DTW on the rank that holds both trajectories
+            alpha, dtw = agent_alphas(agent, expert, self.n_agents, self.env.graph.scale, cfg.hpo.kappa,
+                                      cfg.hpo.dtw_radius)  # fmt: skip
+            dtw_s = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        for b in (agent, expert):
+            if b is not None:
+                b["agent_id"] = (b["agent_id"] + self.agent_offset).astype(np.int32)
+                b["rank"] = np.full(len(b["action"]), self.rank, np.int16)
+        timings = {
+            "env_steps": float(steps),
+            "decisions": float(len(agent["action"])),
+            "rollout_s": t1 - t0,
+            "expert_s": t3 - t1 - dtw_s,
+            "dtw_s": dtw_s,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        }
+        vec = rank_metrics(mets, estats, fresh, timings)
+        for st, new in zip(estats, fresh, strict=True):
+            if new:  # a reused demonstration's programs were logged when it was made
+                self._programs += program_rows(st.get("programs", ()), self.rank)
+        log.debug(
+            "rank %d iteration %d: %d decisions, %d expert decisions, obs checksum %.6f",
+            self.rank,
+            it,
+            len(agent["action"]),
+            0 if expert is None else len(expert["action"]),
+            float(agent["obs"].sum()),
+        )
+        return agent, expert, alpha, dtw, vec
+
+    def iteration(self, it: int) -> dict[str, float] | None:
+        """One iteration on every rank; returns the metrics row on rank 0 (None elsewhere)."""
+        comm = self.comm
+        t0 = time.perf_counter()
+        weights = self.learner.flat_weights() if self.root else np.empty(self._n_weights(), np.float32)
+        weights = comm.bcast_array(weights)
+        if not self.root:
+            self.learner.load_flat_weights(weights)
+        t_b = time.perf_counter() - t0
+        agent, expert, alpha, dtw, vec = self._local_rollout(it)
+        t1 = time.perf_counter()
+        bytes0 = comm.bytes_moved()
+        agent_all, _ = comm.gather_columns(agent)
+        expert_all = comm.gather_columns(expert)[0] if expert is not None else None
+        ad_all, _ = comm.gather_columns({"alpha": alpha, "dtw": dtw})
+        vecs = comm.gather_fixed(vec)
+        # LLM programs: a few small records per iteration, off the hot path: pickled
+        programs = comm.gather_obj(self._programs)
+        self._programs = []
+        t2 = time.perf_counter()
+        comm_bytes = comm.bytes_moved() - bytes0
+        if not self.root:
+            return None
+        assert agent_all is not None and ad_all is not None and vecs is not None
+        alpha_all = ad_all["alpha"] if expert_all is not None else None
+        stats = self.learner.update(agent_all, expert_all, alpha_all, self.n_agents_total)
+        t3 = time.perf_counter()
+        self.env_steps += rank_env_steps(vecs)
+        timings = {
+            "comm_s": t_b + (t2 - t1),
+            "comm_bytes": float(comm_bytes + weights.nbytes * (self.size - 1)),
+            "update_s": t3 - t2,
+            "ranks": float(self.size),
+        }
+        metrics = iteration_row(it, self.env_steps, vecs, alpha_all, ad_all["dtw"], stats, timings)
+        assert self.writer is not None
+        tw = time.perf_counter()
+        self.writer.append_rows("agent", dump_rows(agent_all, it))
+        if expert_all is not None:
+            self.writer.append_rows("expert", dump_rows(expert_all, it))
+        rows = [dict(r, iteration=it) for part in (programs or []) for r in part]
+        if rows:
+            self.writer.append_programs(rows)
+        metrics["write_s"] = time.perf_counter() - tw
+        self.wall_s += time.perf_counter() - t0
+        metrics["wall_s"] = self.wall_s
+        self.writer.end_iteration(metrics)  # commits the iteration in the dump
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "iteration" and np.isfinite(v):
+                    self.tb.add_scalar(k, v, it)
+            self.tb.flush()
+        return metrics
+
+    def _n_weights(self) -> int:
+        return len(self.learner.flat_weights())
+
+    def run(self) -> dict[str, float] | None:
+        cfg = self.cfg
+        last: dict[str, float] | None = None
+        bar = None
+        if self.root and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.iterations, initial=self.start_iteration, desc=cfg.name, unit="it")
+        with _StopFlag(announce=self.root) as stop:
+            for it in range(self.start_iteration, cfg.iterations):
+                m = self.iteration(it)
+                done = it == cfg.iterations - 1
+                # rank 0 decides for all: under srun every rank gets the signal, under mpiexec maybe one
+                stopping = bool(self.comm.bcast_obj(bool(stop.requested) if self.root else None))
+                if not self.root:
+                    if stopping:
+                        break
+                    continue
+                assert m is not None
+                last = m
+                if (it + 1) % cfg.checkpoint_every == 0 or done or stopping:
+                    self.save_checkpoint(it)
+                line = (f"it {it}: travel {m['mean_travel_time']:.1f} s, arrival {m['arrival_rate']:.2f}, "
+                        f"return {m['mean_return']:.2f}, alpha {m['alpha_mean']:.2f}, "
+                        f"steps {int(m['env_steps'])}, {m['wall_s']:.0f} s")  # fmt: skip
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(travel=f"{m['mean_travel_time']:.0f}", ret=f"{m['mean_return']:.2f}",
+                                    alpha=f"{m['alpha_mean']:.2f}")  # fmt: skip
+                    log.debug(line)
+                else:
+                    log.info(line)
+                if stopping and not done:
+                    log.info("stopped by %s after iteration %d; resume with --resume %s", stop.requested or "signal",
+                             it, self.run_dir)  # fmt: skip
+                    break
+        if bar is not None:
+            bar.close()
+        return last
+
+    def close(self) -> None:
+        if self._llm_server is not None:
+            self._llm_server.__exit__(None, None, None)
+        if self.writer is not None:
+            self.writer.close()
+        self.env.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _setup_logging(run: RunDir) -> None:
+    handler = logging.FileHandler(run.log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("reled_hpc").addHandler(handler)
+
+
+def train(config: Path | str | TrainConfig | None, *, resume: Path | None = None,
+          overrides: dict[str, Any] | None = None, run_dir: Path | None = None,
+          comm: Any = None) -> tuple[Path, dict[str, float] | None]:  # fmt: skip
+    """Train from a config file (or object), or resume a run folder. Returns (run folder, last
+    metrics on rank 0). Under mpiexec/srun every rank calls this; an exception on any rank aborts
+    the whole job (MPI Abort) after logging the rank and traceback."""
+    from ..dist.comm import get_comm
+
+    comm = comm or get_comm()
+    try:
+        if resume is not None:
+            run = RunDir(resume).require_run()
+            cfg = load_config(run.config, overrides)
+        else:
+            if config is None:
+                raise ReledError("train needs a config or a run folder to resume")
+            cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+            run = RunDir(run_dir or Path(cfg.runs_dir) / cfg.name)
+            if run.has_dump():
+                raise ReledError(f"run folder {run} already holds a run: use --resume {run} or another name")
+        comm.barrier()  # every rank checked the folder before rank 0 creates anything in it
+        if comm.rank == 0:
+            run.path.mkdir(parents=True, exist_ok=True)
+            _setup_logging(run)
+            if comm.size > 1:
+                log.info("%d MPI ranks, rank 0 is the learner", comm.size)
+        comm.barrier()
+        trainer = Trainer(cfg, run.path, resume=resume is not None, comm=comm)
+        try:
+            last = trainer.run()
+        finally:
+            trainer.close()
+        return run.path, last
+    except BaseException as exc:
+        if not comm.is_mpi or isinstance(exc, SystemExit):
+            raise
+        import traceback
+
+        msg = f"rank {comm.rank}/{comm.size} failed: {exc!r}\n{traceback.format_exc()}"
+        log.error("%s", msg)
+        print(f"reled-hpc: {msg}", file=sys.stderr, flush=True)
+        for h in logging.getLogger("reled_hpc").handlers:
+            h.flush()
+        comm.abort(1)  # takes every rank down now: no rank waits on a dead peer
+        raise
