@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..finite import finite_max, finite_sum
+from ..io.schema import ROW_COLUMNS, TRAINER_COLUMNS
 from ..learn.rollout import Batch
 
 EXTRA_METRICS = (
@@ -36,8 +37,8 @@ EPISODE_MEANS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_tra
 LEARNER_STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "td_loss", "epsilon")
 TIMING_MAX = ("rollout_s", "expert_s", "dtw_s")  # the slowest rank: the others wait for it at the gather
 
-# agent/ and expert/ row columns that come from a rollout batch (iteration and rank are added)
-DUMP_COLUMNS = ("episode", "agent_id", "t", "obs", "action", "action_mask", "reward", "done", "logp", "value", "x", "y")
+# agent/ and expert/ row columns that come from a rollout batch (dump_rows adds iteration and rank)
+DUMP_COLUMNS = tuple(c.name for c in ROW_COLUMNS if c.name not in TRAINER_COLUMNS)
 
 
 def dump_rows(batch: Batch, iteration: int) -> dict[str, np.ndarray]:

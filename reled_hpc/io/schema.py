@@ -88,6 +88,9 @@ ROW_COLUMNS: tuple[Column, ...] = (
     _c("y", np.float32),
 )
 
+# row columns the training loop adds to a rollout batch's (the rest come from the rollout)
+TRAINER_COLUMNS: tuple[str, ...] = ("iteration", "rank")
+
 # metrics/: one float64 row per committed iteration; NaN where a metric does not apply.
 # The `iteration` column is written last and flushed separately: it is the commit marker.
 METRIC_COLUMNS: tuple[str, ...] = (

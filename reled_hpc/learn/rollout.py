@@ -14,26 +14,17 @@ from typing import Any
 
 import numpy as np
 
+from ..io.schema import ROW_COLUMNS, TRAINER_COLUMNS
 from ..sim.env import NavigationEnv
 from ..sim.policies import Actor, deciding
 
 Batch = dict[str, np.ndarray]
 
-# column -> (dtype, shape after the row axis; "obs"/"mask" resolved per env)
+# column -> dtype: the dump's decision columns (reled_hpc.io.schema, less the iteration and rank
+# that the trainer adds), then what only the learner reads
 COLUMNS: dict[str, np.dtype] = {
-    "episode": np.dtype(np.int32),
-    "agent_id": np.dtype(np.int32),
-    "t": np.dtype(np.float32),
-    "obs": np.dtype(np.float32),
-    "action": np.dtype(np.int16),
-    "action_mask": np.dtype(bool),
-    "reward": np.dtype(np.float32),
-    "done": np.dtype(bool),
+    **{c.name: c.dtype for c in ROW_COLUMNS if c.name not in TRAINER_COLUMNS},
     "terminal": np.dtype(bool),
-    "logp": np.dtype(np.float32),
-    "value": np.dtype(np.float32),
-    "x": np.dtype(np.float32),
-    "y": np.dtype(np.float32),
     "gstate": np.dtype(np.float32),
     "step": np.dtype(np.int32),
 }
