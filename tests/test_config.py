@@ -1,10 +1,15 @@
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
-from reled_hpc.config import from_dict, load_yaml
-from reled_hpc.errors import ConfigError
+from reled_hpc.cli import main
+from reled_hpc.config import describe_config, field_docs, format_config_help, from_dict, load_yaml
+from reled_hpc.errors import ConfigError, ReledError
+from reled_hpc.experiment.config import TrainConfig
+from reled_hpc.launch.spec import SlurmSpec
 from reled_hpc.sim.env import EnvConfig
 
 
@@ -65,3 +70,91 @@ def test_load_yaml_errors(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_yaml(lst)
+
+
+# ---- field docstrings and `train --help-config` ----------------------------------------------------
+
+
+def _config_classes(cls: type) -> list[type]:
+    """`cls` and every dataclass section nested in it."""
+    out = [cls]
+    for tp in typing.get_type_hints(cls).values():
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out += _config_classes(tp)
+    return out
+
+
+@pytest.mark.parametrize("cls", _config_classes(TrainConfig), ids=lambda c: c.__name__)
+def test_every_config_field_has_a_one_line_docstring(cls):
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        doc = docs.get(f.name, "")
+        assert doc.strip(), f"{cls.__name__}.{f.name} has no docstring (a string literal on the line under it)"
+        assert "\n" not in doc, f"{cls.__name__}.{f.name}: the docstring should be one line"
+
+
+def test_describe_config_lists_nested_keys_with_defaults():
+    rows = {r.key: r for r in describe_config(TrainConfig)}
+    assert rows["ppo.lr"].default == 0.0003 and rows["ppo.lr"].type == "float"
+    assert "learning rate" in rows["ppo.lr"].doc
+    assert rows["sed.tau_R"].default == 350.0 and "RVI" in rows["sed.tau_R"].doc
+    assert rows["env.traffic"].type == "'none' | 'light' | 'medium' | 'heavy'"
+    assert "env" not in rows and "name" in rows  # sections are walked into, top-level keys stay bare
+    assert rows["slurm"].default == {} and rows["slurm"].type == "dict[str, Any]"
+    with_slurm = {r.key: r for r in describe_config(TrainConfig, sections={"slurm": SlurmSpec})}
+    assert "slurm" not in with_slurm and with_slurm["slurm.nodes"].default == 1
+    assert with_slurm["slurm.ntasks_per_node"].doc == "MPI ranks per node"  # SlurmSpec's trailing comment
+    # every key describe_config lists is one from_dict accepts
+    for key in rows:
+        node: dict = {}
+        *parents, leaf = key.split(".")
+        cur = node
+        for p in parents:
+            cur = cur.setdefault(p, {})
+        cur[leaf] = rows[key].default
+        from_dict(TrainConfig, node)
+
+
+@dataclass
+class _Documented:
+    rate: float = 0.5
+    """How fast."""
+    sub: Inner = field(default_factory=lambda: Inner(rate=2.0))
+    """A section whose factory sets its own default."""
+    legacy: int = 3  # only a comment
+    bare: str = ""
+
+
+def test_field_docs_and_describe_config_on_a_small_class():
+    assert field_docs(_Documented) == {"rate": "How fast.", "sub": "A section whose factory sets its own default."}
+    rows = describe_config(_Documented, prefix="x.")
+    assert [(r.key, r.default, r.doc) for r in rows] == [
+        ("x.rate", 0.5, "How fast."),
+        ("x.sub.rate", 2.0, ""),  # the factory's object decides the nested default
+        ("x.legacy", 3, "only a comment"),
+        ("x.bare", "", ""),
+    ]
+    lines = format_config_help(_Documented)
+    assert lines[0] == "top level:" and any(line.startswith("  legacy: int = 3") for line in lines)
+
+
+def test_field_docs_fails_loudly_without_source():
+    ns: dict = {"__name__": "reled_hpc_no_such_module"}
+    exec("from dataclasses import dataclass\n@dataclass\nclass Ghost:\n    speed: int = 1\n", ns)
+    with pytest.raises(ReledError, match=r"Ghost's fields \(speed\).*source is unavailable"):
+        field_docs(ns["Ghost"])
+    with pytest.raises(TypeError, match="needs a dataclass"):
+        field_docs(int)
+
+
+def test_cli_train_help_config(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert any(line.startswith("  env.n_agents: int = 20 ") and "agents" in line for line in lines)
+    assert any(line.startswith("  hpo.kappa: float = 5.0 ") for line in lines)
+    assert any(line.startswith("  slurm.time_min: int = 60 ") for line in lines)
+    assert "ppo: PPO hyper-parameters" in out and "sed.tau_R: float = 350.0" in out
+    assert max(map(len, lines)) <= 120
+    assert not list(tmp_path.iterdir())  # nothing trained, no run folder

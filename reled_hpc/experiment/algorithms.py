@@ -1,10 +1,13 @@
 """The algorithm registry, in BenchMARL's manner: an algorithm names the config section that holds its
-hyper-parameters, and that section's class names the learner (`learner_class`). Training builds
-learners, the analysis tells which config keys matter, and launch validates names, all by asking here.
+hyper-parameters and the learner class that section configures. Training builds learners, the
+analysis tells which config keys matter, and the config validates names, all by asking here.
+(The learner is named here rather than by the section's class because learn/config.py must stay
+free of torch, and the learner modules import it: naming them there would be an import cycle.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +21,7 @@ EXPERT_KEYS = ("hpo.expert", "hpo.kappa", "hpo.dtw_radius", "hpo.oracle_policy")
 class Algorithm:
     name: str
     section: str  # the config section with the learner's hyper-parameters
+    learner: Callable[[], type[Any]]  # the learner class (imported when first asked: torch is heavy)
     uses_expert: bool  # trains with HPO on expert demonstrations (RELED)
     learner_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the learner
     description: str = ""
@@ -25,7 +29,7 @@ class Algorithm:
     def make_learner(self, cfg: Any, global_dim: int) -> Any:
         """The learner of a TrainConfig `cfg`, built from its section."""
         section = getattr(cfg, self.section)
-        return section.learner_class()(cfg.env.a_max, global_dim, section, seed=cfg.seed, **self.learner_options)
+        return self.learner()(cfg.env.a_max, global_dim, section, seed=cfg.seed, **self.learner_options)
 
     def unused_keys(self, expert: str | None) -> tuple[str, ...]:
         """Config keys (or "section." prefixes) this algorithm never reads with HPO expert `expert`:
@@ -42,13 +46,25 @@ class Algorithm:
         return tuple(unused)
 
 
+def _ppo() -> type[Any]:
+    from ..learn.ppo import PPOLearner
+
+    return PPOLearner
+
+
+def _qmix() -> type[Any]:
+    from ..learn.qmix import QMIXLearner
+
+    return QMIXLearner
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
-        Algorithm("ippo", "ppo", False, {"central": False}, "independent PPO (local critic)"),
-        Algorithm("mappo", "ppo", False, {"central": True}, "PPO with a centralised critic over the global state"),
-        Algorithm("qmix", "qmix", False, {}, "QMIX: monotonic mixing of per-agent Q values"),
-        Algorithm("reled", "ppo", True, {"central": False}, "PPO + HPO on expert demonstrations (oracle or SED)"),
+        Algorithm("ippo", "ppo", _ppo, False, {"central": False}, "independent PPO (local critic)"),
+        Algorithm("mappo", "ppo", _ppo, False, {"central": True}, "PPO, centralised critic over the global state"),
+        Algorithm("qmix", "qmix", _qmix, False, {}, "QMIX: monotonic mixing of per-agent Q values"),
+        Algorithm("reled", "ppo", _ppo, True, {"central": False}, "PPO + HPO on expert demonstrations (oracle or SED)"),
     )
 }
 

@@ -29,13 +29,17 @@ class LLMConfig:
     (http://host:port/v1, e.g. a vLLM server) or a folder/file with serve-llm's endpoint.json."""
 
     endpoint: str = ""
-    model: str = "qwen2.5-coder-0.5b"  # embedded: registry name or GGUF path; URL: the served model name
+    """Empty: the embedded CPU server on rank 0; else an URL (http://host:port/v1) or serve-llm's endpoint.json."""
+    model: str = "qwen2.5-coder-0.5b"
+    """Embedded server: a registry name or GGUF path; with an URL: the served model's name."""
     n_ctx: int = 4096
-    wait_s: float = 900.0  # bound on waiting for an endpoint file and its server
-    timeout_s: float = 300.0  # per request
-    # keep temperature-0 answers on disk ($RELED_HPC_CACHE/llm_responses) and reuse them: a rerun or a
-    # resume that asks the same prompts gets the same answers without the model (and much faster)
+    """Context length of the embedded server, in tokens (>= 1024: plan prompts are ~2k tokens)."""
+    wait_s: float = 900.0
+    """Seconds to wait for an endpoint file and its server to answer (> 0)."""
+    timeout_s: float = 300.0
+    """Seconds per LLM request (> 0)."""
     cache: bool = True
+    """Reuse temperature-0 answers kept on disk ($RELED_HPC_CACHE/llm_responses): a rerun or resume skips the model."""
 
     def validate(self, where: str = "llm") -> None:
         require(self.n_ctx >= 1024, f"{where}.n_ctx", "must be >= 1024 (plan prompts are ~2k tokens)")
@@ -45,10 +49,15 @@ class LLMConfig:
 @dataclass
 class HPOConfig:
     expert: Literal["oracle", "none", "llm"] = "oracle"
+    """RELED's demonstrations: a reference policy ('oracle'), SED's LLM ('llm'), or none (plain PPO)."""
     oracle_policy: Literal["shortest_path", "fastest_path"] = "shortest_path"
+    """The reference policy the oracle expert drives."""
     kappa: float = 5.0
+    """PPO weight alpha_i = exp(-kappa * D_i) (imitation: 1 - alpha_i), D_i: DTW from the expert / map scale (>= 0)."""
     dtw_radius: int = 1
-    scenario_period: int = 1  # iterations sharing one traffic scenario; experts are cached per scenario
+    """fastdtw's neighbourhood radius (>= 1; larger is closer to exact DTW, and slower)."""
+    scenario_period: int = 1
+    """Iterations sharing one traffic scenario (>= 1); demonstrations are cached per scenario."""
 
     def validate(self, where: str = "hpo") -> None:
         require(self.kappa >= 0, f"{where}.kappa", f"must be >= 0, got {self.kappa}")
@@ -58,7 +67,8 @@ class HPOConfig:
 
 @dataclass
 class DistConfig:
-    total_agents: int = 0  # > 0: split this many agents over the ranks (env.n_agents is then ignored)
+    total_agents: int = 0
+    """> 0: split this many agents over the ranks (env.n_agents is then ignored); 0: env.n_agents per rank."""
 
     def validate(self, where: str = "dist") -> None:
         require(self.total_agents >= 0, f"{where}.total_agents", "must be >= 0")
@@ -67,24 +77,41 @@ class DistConfig:
 @dataclass
 class TrainConfig:
     name: str = "run"
-    algorithm: str = "reled"  # a name in reled_hpc.experiment.algorithms.ALGORITHMS
+    """Run name: the run folder is runs_dir/name (no '/')."""
+    algorithm: str = "reled"
+    """ippo, mappo, qmix or reled: a name in reled_hpc.experiment.algorithms.ALGORITHMS."""
     seed: int = 0
+    """Seed of everything: scenarios, action sampling, network init and the LLM expert's subsets derive from it."""
     iterations: int = 50
+    """Training iterations (rollout, then update) of the run (>= 1)."""
     episodes_per_iteration: int = 1
+    """Episodes each rank rolls out per iteration (>= 1)."""
     checkpoint_every: int = 5
+    """Checkpoint every this many iterations (>= 1); also after the last one and on SIGTERM/SIGINT."""
     keep_checkpoints: int = 3
+    """Newest checkpoints kept; older ones are deleted (>= 1)."""
     runs_dir: str = "runs"
+    """Folder of the run folders."""
     tensorboard: bool = True
-    torch_threads: int = 1  # the networks are small: more threads only contend with SUMO and other ranks
+    """Write TensorBoard scalars to the run's tb/ folder (when tensorboard is installed)."""
+    torch_threads: int = 1
+    """Torch threads per rank (>= 1): the networks are small, more threads only contend with SUMO and other ranks."""
     env: EnvConfig = field(default_factory=EnvConfig)
+    """The simulation: map, agents, traffic and rewards (reled_hpc.sim.env.EnvConfig)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO hyper-parameters, for ippo, mappo and reled."""
     hpo: HPOConfig = field(default_factory=HPOConfig)
+    """RELED's hybrid policy optimisation: the expert and how far agents imitate it."""
     qmix: QMIXConfig = field(default_factory=QMIXConfig)
+    """QMIX hyper-parameters, for qmix."""
     dist: DistConfig = field(default_factory=DistConfig)
+    """How agents are spread over MPI ranks."""
     sed: SEDConfig = field(default_factory=SEDConfig)
+    """SED, the LLM expert's refinement cycle (hpo.expert: llm)."""
     llm: LLMConfig = field(default_factory=LLMConfig)
-    # SLURM submission settings (`reled-hpc submit`); checked by reled_hpc.launch.spec, unused by training
+    """Where SED's LLM runs and how it is asked (hpo.expert: llm)."""
     slurm: dict[str, Any] = field(default_factory=dict)
+    """SLURM resources of `reled-hpc submit` (keys: reled_hpc.launch.spec.SlurmSpec's fields); training ignores it."""
 
     def validate(self, where: str = "config") -> None:
         from .algorithms import ALGORITHMS

@@ -12,25 +12,41 @@ FALLBACK_POLICIES = ("shortest_path", "fastest_path")
 
 @dataclass
 class SEDConfig:
-    m: int = 2  # subsets per cycle
+    m: int = 2
+    """Subsets the agents are split into at random per refinement cycle, one LLM program each (>= 1)."""
     mode: Literal["code", "json"] = "code"
-    # RVI threshold, in RVI's own units: rvi_at_uniform_kl(0.25, 5, 0.99), i.e. the RVI of a 5-agent subset
-    # (the demo's: 10 agents per rank, m = 2) whose every agent is at max KL 0.25 nats from the policy.
-    # RVI grows with the subset: scale it by |S_k| / 5 for other sizes (docs/sed.md, "Thresholds").
+    """'code': the LLM writes a plan(api) program; 'json': a JSON plan listing every agent (small subsets)."""
+    # 350 = rvi_at_uniform_kl(0.25, 5, 0.99): the RVI of a 5-agent subset (the demo's: 10 agents per rank,
+    # m = 2) whose every agent is at max KL 0.25 nats from the policy; RVI grows with the subset
+    # (docs/sed.md, "Thresholds")
     tau_R: float = 350.0
-    tau_P: float = 0.5  # PDI threshold (nats)
-    r_max_rounds: int = 3  # R_max: rounds per cycle, round 1 included
-    eps: float = 0.1  # expert smoothing: pi^e = (1-eps) onehot + eps uniform
-    feedback: bool = True  # ablation: False = one round, no revision
+    """RVI threshold (unit-free, >= 0): a plan above it is revised; set for 5-agent subsets, scale by |S_k| / 5."""
+    tau_P: float = 0.5
+    """PDI threshold in nats (>= 0): a plan whose max KL from the policy is above it is revised."""
+    r_max_rounds: int = 3
+    """R_max: LLM rounds per cycle, round 1 included (>= 1)."""
+    eps: float = 0.1
+    """Expert smoothing for PDI/RVI, pi^e = (1-eps) onehot + eps uniform, in (0, 1] (keeps the KL finite)."""
+    feedback: bool = True
+    """Revise plans with feedback; false (ablation) = one round, no revision."""
     fallback: Literal["shortest_path", "fastest_path"] = "shortest_path"
+    """Policy of the agents without a usable LLM route (or that left it) in expert episodes."""
     gamma: float = 0.99
+    """Discount of the RVI bound and of the returns' scale r_max / (1 - gamma), in [0, 1)."""
     cpu_s: int = 2
+    """Sandbox CPU-time limit per program, whole seconds (>= 1)."""
     wall_s: float = 5.0
+    """Sandbox wall-clock limit per program, seconds (> 0)."""
     mem_mb: int = 256
+    """Sandbox address-space limit per program, MB (>= 32)."""
     temperature: float = 0.0
+    """LLM sampling temperature (>= 0); only temperature-0 answers are cached (llm.cache)."""
     max_tokens: int = 512
+    """Most tokens the LLM may generate per answer (>= 1)."""
     template_version: str = "v1"
-    measure_external: bool = True  # drive 1 + m extra episodes to measure the other agents' return change
+    """Prompt template set: reled_hpc/expert/prompt_templates/<version>/."""
+    measure_external: bool = True
+    """Drive 1 + m extra episodes per cycle to measure the other agents' return change (a logged metric)."""
 
     def validate(self, where: str = "sed") -> None:
         require(isinstance(self.m, int) and self.m >= 1, f"{where}.m", f"must be an integer >= 1, got {self.m!r}")

@@ -1,11 +1,10 @@
 """Config sections of the learners (`ppo:`, `qmix:`): plain dataclasses, no torch, so that a config
-loads without the learning stack. Each config class names its learner (`learner_class`), as the
-algorithm registry (reled_hpc.experiment.algorithms) expects."""
+loads without the learning stack. Which learner a section configures is the algorithm registry's
+to say (reled_hpc.experiment.algorithms)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..config import require
 
@@ -13,22 +12,25 @@ from ..config import require
 @dataclass
 class PPOConfig:
     lr: float = 3e-4
+    """Adam learning rate (> 0)."""
     gamma: float = 0.99
+    """Discount per decision of an agent, in (0, 1] (rewards already charge the elapsed time)."""
     lam: float = 0.95
+    """GAE lambda over each agent's decision sequence, in [0, 1]."""
     clip: float = 0.2
+    """PPO's ratio clipping range, in (0, 1)."""
     epochs: int = 4
+    """Passes over the iteration's batch per update (>= 1)."""
     minibatch: int = 256
+    """Decisions per minibatch (>= 1): the batch is cut into ceil(rows / minibatch) equal minibatches."""
     vf_coef: float = 0.5
+    """Weight of the value loss in the total loss."""
     ent_coef: float = 0.01
+    """Weight of the entropy bonus in the total loss."""
     max_grad_norm: float = 0.5
+    """Gradients are clipped to this global norm."""
     hidden: int = 64
-
-    @staticmethod
-    def learner_class() -> type[Any]:
-        """The learner this section configures (PPO for IPPO, MAPPO and RELED)."""
-        from .ppo import PPOLearner
-
-        return PPOLearner
+    """Width of the pointer network's layers (>= 4)."""
 
     def validate(self, where: str = "ppo") -> None:
         require(self.lr > 0, f"{where}.lr", "must be > 0")
@@ -43,27 +45,35 @@ class PPOConfig:
 @dataclass
 class QMIXConfig:
     lr: float = 5e-4
+    """Adam learning rate of the Q network and mixer (> 0)."""
     gamma: float = 0.99
-    buffer_decisions: int = 200_000  # replay capacity in decision rows (whole groups are evicted FIFO)
-    batch_groups: int = 32  # groups (joint transitions) per gradient step
-    updates_per_iteration: int = 100  # gradient steps per update() call
-    target_update: int = 200  # hard target copy every K gradient steps
+    """Discount per group transition, in (0, 1] (one gamma per step, not gamma^dt: rewards charge the time)."""
+    buffer_decisions: int = 200_000
+    """Replay capacity in decision rows (>= 1); whole groups are evicted first in, first out."""
+    batch_groups: int = 32
+    """Groups (agents that decided at one env step, a joint transition) per gradient step (>= 1)."""
+    updates_per_iteration: int = 100
+    """Gradient steps per update, i.e. per iteration (>= 1)."""
+    target_update: int = 200
+    """Hard copy to the target networks every this many gradient steps, counted across iterations (>= 1)."""
     eps_start: float = 1.0
+    """Exploration epsilon at iteration 0, in [eps_end, 1]."""
     eps_end: float = 0.05
-    eps_decay_iterations: int = 50  # linear decay over iterations; 0 = eps_end from the start
+    """Exploration epsilon after the decay, in [0, 1]."""
+    eps_decay_iterations: int = 50
+    """Iterations of the linear epsilon decay (>= 0; 0 = eps_end from the start)."""
     hidden: int = 64
+    """Width of the per-agent Q network's layers (>= 4)."""
     mixer_embed: int = 32
+    """Mixer's embedding size (>= 1)."""
     mixer_hidden: int = 64
+    """Hidden width of the mixer's hypernetworks (>= 1)."""
     double_q: bool = True
+    """Double Q-learning: the online network picks the next action, the target network values it."""
     max_grad_norm: float = 10.0
-    checkpoint_buffer: bool = True  # save the replay contents in state_dict (else only its counters/RNG)
-
-    @staticmethod
-    def learner_class() -> type[Any]:
-        """The learner this section configures."""
-        from .qmix import QMIXLearner
-
-        return QMIXLearner
+    """Gradients are clipped to this global norm (> 0)."""
+    checkpoint_buffer: bool = True
+    """Checkpoints hold the replay contents; false: only its sampling RNG, a resume starts with an empty replay."""
 
     def validate(self, where: str = "qmix") -> None:
         require(self.lr > 0, f"{where}.lr", "must be > 0")

@@ -47,20 +47,35 @@ SPEED_UNIT = 30.0  # m/s
 @dataclass
 class EnvConfig:
     map: str = "helsinki"
+    """Road network: 'helsinki' (shipped), 'grid', a built map folder or an OSM file (built on first use)."""
     n_agents: int = 20
+    """Learning agents (vehicles) per env, i.e. per rank in training (>= 1); dist.total_agents > 0 overrides it."""
     traffic: Literal["none", "light", "medium", "heavy"] = "light"
+    """Background traffic: 0, 40, 100 or 180 vehicles per hour per lane-km, the same density on any map."""
     horizon_s: float = 1200.0
+    """Episode length in simulated seconds (> 0); agents still on the road then are truncated."""
     lookahead: int = 3
+    """An agent decides while fewer than this many planned edges lie ahead of its edge (>= 1)."""
     a_max: int = 4
+    """Candidate edges per decision, the action space (>= 2); more exits: the a_max closest to the goal stay."""
     min_trip_m: float = 500.0
+    """Least shortest-path length of an agent's trip, in metres (>= 0)."""
     depart_window_s: float = 60.0
+    """Agents depart uniformly at random in the first this many seconds (>= 0; 0 = all at t = 0)."""
     reward_time_scale_s: float = 60.0
+    """Each decision's reward is minus the seconds since the agent's last decision over this (> 0)."""
     arrival_bonus: float = 5.0
+    """Reward added when an agent reaches its destination."""
     failure_penalty: float = 5.0
+    """Reward subtracted when an agent fails (teleported by SUMO, or at a dead end)."""
     time_to_teleport_s: float = 300.0
+    """SUMO's --time-to-teleport in seconds (> 0): a vehicle stuck this long is teleported (an agent then fails)."""
     invalid_action: Literal["error", "shortest_path"] = "error"
+    """On an invalid action: 'error' raises EnvError, 'shortest_path' takes the candidate closest to the goal."""
     fastest_refresh_s: float = 30.0
+    """Simulated seconds between the fastest_path policy's reads of live edge travel times (> 0)."""
     seed: int = 0
+    """Episode k's scenario seed is seed + k when reset() gets none (training passes seeds derived from its own)."""
 
     def validate(self, where: str = "env") -> None:
         require(self.n_agents >= 1, f"{where}.n_agents", f"must be >= 1, got {self.n_agents}")
