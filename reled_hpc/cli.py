@@ -164,7 +164,20 @@ def _launch_ranks(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=os.environ.copy())
 
 
+def _print_config_help() -> int:
+    """`train --help-config`: every config key with its type, default and docstring, by section."""
+    from .config import format_config_help
+    from .experiment.config import TrainConfig
+    from .launch.spec import SlurmSpec  # `slurm:` is a free-form mapping there, checked as SlurmSpec
+
+    print("Config keys of `reled-hpc train` (set in CONFIG.yaml, or with --set KEY=VALUE), with their defaults.\n")
+    print("\n".join(format_config_help(TrainConfig, sections={"slurm": SlurmSpec})))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.help_config:
+        return _print_config_help()
     from .dist.comm import launched_with_mpi
     from .experiment.config import parse_overrides
     from .experiment.train import train
@@ -264,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="local MPI ranks: relaunch under mpiexec -n R (under mpiexec/srun the ranks are given)",
     )
+    t.add_argument(
+        "--help-config", action="store_true", help="print every config key with its type, default and meaning, and exit"
+    )
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
@@ -282,21 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start an OpenAI-compatible LLM server as a child, wait until it answers, write "
         "RUN_DIR/endpoint.json for the training job, and run until SIGTERM/SIGINT (then stop it).",
     )
-    s.add_argument("--backend", choices=["embedded", "vllm"], default="embedded")
-    s.add_argument("--model", help="embedded: registry name or GGUF path (default qwen2.5-coder-0.5b); vllm: id/path")
-    s.add_argument("--run-dir", default="runs/llm", help="where endpoint.json and server.log go")
-    s.add_argument("--host", help="bind address (embedded 127.0.0.1, vllm 0.0.0.0)")
-    s.add_argument("--port", type=int, help="port (embedded: a free one; vllm: 8000)")
-    s.add_argument("--served-model-name", help="model name clients send (default: registry name/model)")
-    s.add_argument("--ready-timeout", type=float, help="seconds to wait for the server (120 embedded, 1800 vllm)")
-    s.add_argument("--n-ctx", type=int, default=4096, help="embedded: context length")
-    s.add_argument("--threads", type=int, help="embedded: CPU threads (default: half the cores)")
-    s.add_argument("--max-num-seqs", type=int, default=64, help="vllm: concurrent sequences per batch")
-    s.add_argument("--tensor-parallel", type=int, help="vllm: default the GPUs visible on this node")
-    s.add_argument("--nodes", type=int, default=1, help="vllm: nodes, used as pipeline-parallel size")
-    s.add_argument("--max-model-len", type=int, help="vllm: context length")
-    s.add_argument("--vllm-arg", action="append", default=[], help="vllm: extra argument, repeatable")
-    s.add_argument("--dry-run", action="store_true", help="print the server command and exit")
+    from .llm.server import add_server_arguments  # the flags come from ServerConfig's fields
+
+    add_server_arguments(s)
     s.set_defaults(func=cmd_serve_llm)
 
     from .launch.cli import register as register_launch  # submit, sweep, status (SLURM via submitit)
@@ -309,9 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve_llm(args: argparse.Namespace) -> int:
-    from .llm.server import serve
+    from .llm.server import serve, server_config_from_args
 
-    return serve(args)
+    return serve(server_config_from_args(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

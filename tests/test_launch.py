@@ -88,6 +88,36 @@ def test_sweep_plan_expands_the_grid(tmp_path):
         plan(bad, out=tmp_path)
 
 
+def test_server_job_config_from_llm_args_and_bad_ones_refused_before_queueing(tmp_path):
+    """The server job's ServerConfig: backend, model, the run's llm folder, nodes for vLLM, then the
+    --llm-arg extras through serve-llm's parser. A bad extra stops submit before the scheduler is asked."""
+    import pickle
+
+    from reled_hpc.launch.jobs import ServerJob
+    from reled_hpc.launch.submit import server_config, submit
+    from reled_hpc.llm.server import ServerConfig
+
+    spec = SlurmSpec(nodes=2)
+    cfg = server_config("vllm", "m", tmp_path / "llm", spec, ["--max-num-seqs=8", "--port", "9000"], "c")
+    assert cfg == ServerConfig(backend="vllm", model="m", run_dir=str(tmp_path / "llm"), nodes=2, max_num_seqs=8,
+                               port=9000)  # fmt: skip
+    assert server_config("embedded", None, tmp_path, spec, [], "c").nodes == 1
+    assert pickle.loads(pickle.dumps(ServerJob(cfg))).cfg == cfg  # what submitit sends to the job
+    for extra, message in (
+        (["--bogus=1"], "unrecognized arguments: --bogus=1"),
+        (["--port", "x"], "argument --port: invalid int value"),
+        (["--max-num-seqs=0"], "--max-num-seqs: must be >= 1"),
+        (["--run-dir=/elsewhere"], "may not set --run-dir"),
+        (["--dry-run"], "may not set --dry-run"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            server_config("vllm", "m", tmp_path, spec, extra, "c")
+    overrides = {"runs_dir": str(tmp_path), "hpo.expert": "llm"}
+    with pytest.raises(ConfigError, match=r"reled\.yaml: --llm-arg --bogus: unrecognized arguments"):
+        submit(REPO / "configs/reled.yaml", name="x", overrides=overrides, llm="embedded", llm_args=["--bogus"])
+    assert not (tmp_path / "x").exists()  # refused before the run folder (and any job) was made
+
+
 # ---- on the real SLURM ------------------------------------------------------------------------------------
 @pytest.mark.slurm
 def test_submit_two_ranks_and_read_the_dump(slurm_cluster, cli, tmp_path):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from reled_hpc.errors import ReledError
+from reled_hpc.errors import ConfigError, ReledError
 from reled_hpc.llm import LLMError, LLMRequestError, LLMUnavailable, ModelError, ServerError
 from reled_hpc.llm.cache import ResponseCache
 from reled_hpc.llm.client import LLMClient, Request
@@ -402,6 +402,39 @@ def test_serve_llm_vllm_dry_run(monkeypatch, capsys, tmp_path):
     main(["serve-llm", "--backend", "vllm", "--model", "m", "--port", "9000", "--dry-run"])
     out = capsys.readouterr().out
     assert "--tensor-parallel-size 1" in out and "--port 9000" in out and "pipeline" not in out
+
+
+SERVE_LLM_FLAGS = ["--backend", "--model", "--run-dir", "--host", "--port", "--served-model-name", "--ready-timeout",
+                   "--n-ctx", "--threads", "--max-num-seqs", "--tensor-parallel", "--nodes", "--max-model-len",
+                   "--vllm-arg", "--dry-run"]  # fmt: skip
+
+
+def test_serve_llm_parser_is_generated_from_server_config(monkeypatch, capsys, tmp_path):
+    import argparse
+
+    from reled_hpc.cli import main
+    from reled_hpc.llm.server import ServerConfig, add_server_arguments, server_config_from_args
+
+    parser = add_server_arguments(argparse.ArgumentParser())
+    flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert flags == SERVE_LLM_FLAGS and all(a.help for a in parser._actions)  # every flag has its docstring
+    assert server_config_from_args(parser.parse_args([])) == ServerConfig()  # the same defaults
+    cfg = ServerConfig(backend="vllm", model="m", run_dir=str(tmp_path), port=9000, ready_timeout=60.0, nodes=2,
+                       vllm_arg=["--enforce-eager", "--gpu-memory-utilization=0.9"], dry_run=True)  # fmt: skip
+    assert server_config_from_args(parser.parse_args(cfg.to_argv())) == cfg  # round trip
+    # the generated parser prints the command the hand-written one printed
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert main(["serve-llm", "--backend", "vllm", "--model", "m", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "vllm serve m --host 0.0.0.0 --port 8000 --max-num-seqs 64 --enable-prefix-caching "
+        "--tensor-parallel-size 1 --served-model-name m"
+    )
+    for bad, flag in (("--port=70000", "--port"), ("--nodes=0", "--nodes"), ("--threads=-1", "--threads")):
+        assert main(["serve-llm", bad, "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert f"serve-llm {flag}: must be" in err, err
+    with pytest.raises(ConfigError, match="--backend: must be one of embedded, vllm"):
+        ServerConfig(backend="gpu")  # type: ignore[arg-type]
 
 
 def test_serve_llm_vllm_not_installed_is_clear(monkeypatch, capsys, tmp_path):

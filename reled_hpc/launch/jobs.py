@@ -17,11 +17,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import submitit
 
 from ..errors import ReledError
+
+if TYPE_CHECKING:
+    from ..llm.server import ServerConfig
 
 log = logging.getLogger("reled_hpc.launch")
 
@@ -126,15 +129,15 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 class ServerJob:
     """`reled-hpc serve-llm` inside a job: it writes RUN_DIR/llm/endpoint.json and serves until the
-    training job cancels it (SIGTERM)."""
+    training job cancels it (SIGTERM). Holds the ServerConfig itself (submitit pickles it) and calls
+    the server directly, so the launch layer does not import the command line."""
 
-    def __init__(self, argv: list[str]) -> None:
-        self.argv = list(argv)
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
 
     def __call__(self) -> int:
-        from ..cli import main
+        from ..llm.server import serve
 
-        code = main(["serve-llm", *self.argv])
-        if code:
-            raise ReledError(f"serve-llm exited with {code}")
-        return code
+        # as `reled-hpc serve-llm` would: the server's progress lines go to the job's log
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        return serve(self.cfg)

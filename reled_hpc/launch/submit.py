@@ -3,17 +3,22 @@ server job in front of it). Everything is validated before anything is queued.""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import ConfigError, ReledError
 from .spec import SlurmSpec, check_feasible, spec_from
+
+if TYPE_CHECKING:
+    from ..llm.server import ServerConfig
 
 log = logging.getLogger("reled_hpc.launch")
 
@@ -59,13 +64,39 @@ def llm_server_spec(cfg: Any, where: str, **overrides: Any) -> SlurmSpec:
     return spec
 
 
-def _server_argv(backend: str, model: str | None, llm_dir: Path, spec: SlurmSpec, extra: list[str]) -> list[str]:
-    argv = ["--backend", backend, "--run-dir", str(llm_dir)]
-    if model:
-        argv += ["--model", model]
-    if backend == "vllm":
-        argv += ["--nodes", str(spec.nodes)]
-    return argv + extra
+class _RefusingParser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting: submit reports it as a ConfigError."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+# set by submit itself: the backend by --llm (the GPU check depends on it), the run folder and a live
+# server by the training job that waits for the endpoint file
+_SUBMIT_OWNS = ("backend", "run_dir", "dry_run")
+
+
+def server_config(
+    backend: str, model: str | None, llm_dir: Path, spec: SlurmSpec, extra: list[str], where: str
+) -> ServerConfig:
+    """The server job's serve-llm options: the backend, the model, the run's llm folder and, for vLLM,
+    one pipeline stage per node of the job; then the --llm-arg extras ("--max-num-seqs=8", or "--port",
+    "9000"), parsed by serve-llm's own (generated) parser, so a bad one is refused before queueing."""
+    from ..llm.server import ServerConfig, add_server_arguments, server_config_from_args
+
+    base = ServerConfig(
+        backend=backend, model=model, run_dir=str(llm_dir), nodes=spec.nodes if backend == "vllm" else 1
+    )
+    parser = add_server_arguments(_RefusingParser(prog="serve-llm", add_help=False))
+    parser.set_defaults(**dataclasses.asdict(base))
+    try:
+        cfg = server_config_from_args(parser.parse_args(extra))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: --llm-arg {shlex.join(extra)}: {exc} (see reled-hpc serve-llm --help)") from None
+    owned = [f"--{k.replace('_', '-')}" for k in _SUBMIT_OWNS if getattr(cfg, k) != getattr(base, k)]
+    if owned:
+        raise ConfigError(f"{where}: --llm-arg may not set {', '.join(owned)}: submit sets it (--llm, the run folder)")
+    return cfg
 
 
 def submit(
@@ -103,29 +134,30 @@ def submit(
     section = {k: v for k, v in cfg.slurm.items() if k != LLM_SECTION}
     spec = spec_from(section, f"{where}: slurm", **(resources or {}))
     check_config(cfg, spec, where)
-    server_spec = None
+    server_spec: SlurmSpec | None = None
+    server_cfg: ServerConfig | None = None
     if llm:
         if not cfg.uses_llm:
             raise ConfigError(f"{where}: --llm needs algorithm reled with hpo.expert llm (the SED expert)")
         server_spec = llm_server_spec(cfg, where, **(llm_resources or {}))
         if llm == "vllm" and server_spec.cluster == "slurm" and not server_spec.gres:
             raise ConfigError(f"{where}: the vLLM server job needs a GPU: set slurm.{LLM_SECTION}.gres or --llm-gres")
+        server_cfg = server_config(llm, llm_model, run.llm, server_spec, list(llm_args or []), where)
         check_feasible(server_spec)
     check_feasible(spec)
 
     # nothing was queued until here
     run_dir.mkdir(parents=True, exist_ok=True)
     server_id = None
-    if server_spec is not None:
+    if server_spec is not None and server_cfg is not None:
         llm_dir = run.llm
         # a stale endpoint file from an earlier server must not be mistaken for the new one
         (llm_dir / "endpoint.json").unlink(missing_ok=True)
-        argv = _server_argv(llm, llm_model, llm_dir, server_spec, list(llm_args or []))
         from .jobs import ServerJob
 
-        sjob = make_executor(run_dir / "submitit-llm", server_spec).submit(ServerJob(argv))
+        sjob = make_executor(run_dir / "submitit-llm", server_spec).submit(ServerJob(server_cfg))
         server_id = str(sjob.job_id)
-        log.info("LLM server job %s (%s): %s", server_id, llm, " ".join(argv))
+        log.info("LLM server job %s (%s): serve-llm %s", server_id, llm, shlex.join(server_cfg.to_argv()))
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, endpoint=str(llm_dir)))
         if llm_model and llm == "vllm":
             cfg.llm.model = llm_model

@@ -13,9 +13,11 @@ server and removes the endpoint file.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import datetime as _dt
+import functools
 import importlib.util
 import json
 import logging
@@ -29,19 +31,23 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from ..config import field_docs
+from ..errors import ConfigError
 from . import LLMUnavailable, ServerError
 from .models import DEFAULT_MODEL, MODELS, resolve_model
 
 log = logging.getLogger(__name__)
 
 ENDPOINT_FILE = "endpoint.json"
-BACKENDS = ("embedded", "vllm")
+Backend = Literal["embedded", "vllm"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -514,42 +520,159 @@ class VLLMServer(ManagedServer):
 
 
 # ---- `reled-hpc serve-llm` -------------------------------------------------------------------------
-def make_server(args: Any) -> ManagedServer:
-    run_dir = Path(args.run_dir)
+@dataclass
+class ServerConfig:
+    """The options of `reled-hpc serve-llm`, one field per flag (`run_dir` is `--run-dir`): the flags
+    are generated from these fields, and the string under each field is its --help text. None means
+    the backend's own default. Plain data, so a SLURM job (submitit) pickles it."""
+
+    backend: Backend = "embedded"
+    """embedded (llama.cpp on CPU) or vllm (a GPU node)"""
+    model: str | None = None
+    """embedded: registry name or GGUF path (default qwen2.5-coder-0.5b); vllm: id/path"""
+    run_dir: str = "runs/llm"
+    """where endpoint.json and server.log go"""
+    host: str | None = None
+    """bind address (embedded 127.0.0.1, vllm 0.0.0.0)"""
+    port: int | None = None
+    """port (embedded: a free one; vllm: 8000)"""
+    served_model_name: str | None = None
+    """model name clients send (default: registry name/model)"""
+    ready_timeout: float | None = None
+    """seconds to wait for the server (120 embedded, 1800 vllm)"""
+    n_ctx: int = 4096
+    """embedded: context length"""
+    threads: int | None = None
+    """embedded: CPU threads (default: half the cores)"""
+    max_num_seqs: int = 64
+    """vllm: concurrent sequences per batch"""
+    tensor_parallel: int | None = None
+    """vllm: default the GPUs visible on this node"""
+    nodes: int = 1
+    """vllm: nodes, used as pipeline-parallel size"""
+    max_model_len: int | None = None
+    """vllm: context length"""
+    vllm_arg: list[str] = field(default_factory=list)
+    """vllm: extra argument, repeatable"""
+    dry_run: bool = False
+    """print the server command and exit"""
+
+    def __post_init__(self) -> None:
+        self.run_dir = os.fspath(self.run_dir)  # a Path is welcome; str keeps the flag and the pickle plain
+        self.vllm_arg = list(self.vllm_arg)
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse impossible values now, naming the flag, rather than as a server that fails to start."""
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"serve-llm --backend: must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
+        rules = (  # field, allowed, what is allowed (checked only when set)
+            ("port", lambda v: 0 <= v <= 65535, "a port number, 0-65535 (0: a free one)"),
+            ("ready_timeout", lambda v: v > 0, "> 0 seconds (omit it for the backend's default)"),
+            ("n_ctx", lambda v: v >= 0, ">= 0 (0: the model's own context length)"),
+            ("threads", lambda v: v >= 1, ">= 1 (omit it for half the cores)"),
+            ("max_num_seqs", lambda v: v >= 1, ">= 1"),
+            ("tensor_parallel", lambda v: v >= 1, ">= 1 (omit it for the GPUs visible)"),
+            ("nodes", lambda v: v >= 1, ">= 1"),
+            ("max_model_len", lambda v: v >= 1, ">= 1 (omit it for the model's own)"),
+        )
+        for name, ok, allowed in rules:
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ConfigError(f"serve-llm {_flag(name)}: must be {allowed} (got {value!r})")
+
+    def to_argv(self) -> list[str]:
+        """The serve-llm flags giving this config, defaults left out: a readable form for logs, and
+        what to run by hand (`reled-hpc serve-llm ...`) to reproduce it."""
+        argv: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == _default(f):
+                continue
+            if isinstance(value, bool):
+                argv.append(_flag(f.name))
+            else:  # `--flag=value` where a value could read as a flag (vllm extras are flags themselves)
+                for v in value if isinstance(value, list) else [value]:
+                    v = str(v)
+                    argv += [f"{_flag(f.name)}={v}"] if v.startswith("-") else [_flag(f.name), v]
+        return argv
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default(f: Field[Any]) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+@functools.cache
+def add_server_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the serve-llm flags to `parser`, one per ServerConfig field: the field's type gives the
+    argparse type (Literal: choices, bool: a switch, list: repeatable), its default the default, its
+    docstring the help. `server_config_from_args` reads the parsed namespace back."""
+    hints = get_type_hints(ServerConfig)
+    helps = field_docs(ServerConfig)
+    for f in fields(ServerConfig):
+        tp = hints[f.name]
+        if isinstance(tp, types.UnionType):  # X | None: None is the default, not a value to parse
+            (tp,) = [a for a in get_args(tp) if a is not type(None)]
+        kw: dict[str, Any] = {"default": _default(f), "help": helps.get(f.name)}
+        if tp is bool:
+            kw["action"] = "store_true"
+        elif get_origin(tp) is list:
+            kw.update(action="append", type=get_args(tp)[0])
+        elif get_origin(tp) is Literal:
+            kw.update(type=str, choices=list(get_args(tp)))
+        else:
+            kw["type"] = tp
+        parser.add_argument(_flag(f.name), **kw)
+    return parser
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of a namespace parsed with `add_server_arguments` (other attributes, such as
+    the main parser's own, are ignored; missing ones take the field default)."""
+    return ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)})
+
+
+def make_server(cfg: ServerConfig) -> ManagedServer:
+    cfg.validate()  # the fields may have been changed since the config was made
+    run_dir = Path(cfg.run_dir)
     log_path = run_dir / "server.log"
-    if args.backend == "embedded":
+    if cfg.backend == "embedded":
         return EmbeddedServer(
-            args.model or DEFAULT_MODEL,
-            port=args.port or 0,
-            host=args.host or "127.0.0.1",
-            n_ctx=args.n_ctx,
-            n_threads=args.threads,
-            alias=args.served_model_name,
-            ready_timeout_s=args.ready_timeout or 120.0,
+            cfg.model or DEFAULT_MODEL,
+            port=cfg.port or 0,
+            host=cfg.host or "127.0.0.1",
+            n_ctx=cfg.n_ctx,
+            n_threads=cfg.threads,
+            alias=cfg.served_model_name,
+            ready_timeout_s=cfg.ready_timeout or 120.0,
             log_path=log_path,
         )
-    if not args.model:
+    if not cfg.model:
         raise ServerError("--backend vllm needs --model (a Hugging Face id in the node's cache, or a model folder)")
     return VLLMServer(
-        args.model,
-        host=args.host or "0.0.0.0",
-        port=args.port if args.port is not None else 8000,
-        max_num_seqs=args.max_num_seqs,
-        tensor_parallel=args.tensor_parallel,
-        nodes=args.nodes,
-        served_name=args.served_model_name,
-        max_model_len=args.max_model_len,
-        extra_args=args.vllm_arg,
-        ready_timeout_s=args.ready_timeout or 1800.0,
+        cfg.model,
+        host=cfg.host or "0.0.0.0",
+        port=cfg.port if cfg.port is not None else 8000,
+        max_num_seqs=cfg.max_num_seqs,
+        tensor_parallel=cfg.tensor_parallel,
+        nodes=cfg.nodes,
+        served_name=cfg.served_model_name,
+        max_model_len=cfg.max_model_len,
+        extra_args=cfg.vllm_arg,
+        ready_timeout_s=cfg.ready_timeout or 1800.0,
         log_path=log_path,
-        dry_run=args.dry_run,
+        dry_run=cfg.dry_run,
     )
 
 
-def serve(args: Any) -> int:
+def serve(cfg: ServerConfig) -> int:
     """Start the server, write the endpoint file, run until SIGTERM/SIGINT or until the server dies."""
-    server = make_server(args)
-    if args.dry_run:
+    server = make_server(cfg)
+    if cfg.dry_run:
         print(shlex.join(server.cmd))
         return 0
 
@@ -558,12 +681,12 @@ def serve(args: Any) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    ep_file = Path(args.run_dir) / ENDPOINT_FILE
+    ep_file = Path(cfg.run_dir) / ENDPOINT_FILE
     try:
         server.start()
-        write_endpoint_file(args.run_dir, server.endpoint)
+        write_endpoint_file(cfg.run_dir, server.endpoint)
         log.info("endpoint file %s: %s (model %s)", ep_file, server.base_url, server.model)
-        print(f"serving {server.model} at {server.base_url} ({args.backend}); endpoint file {ep_file}", flush=True)
+        print(f"serving {server.model} at {server.base_url} ({cfg.backend}); endpoint file {ep_file}", flush=True)
         assert server.proc is not None
         rc = server.proc.wait()
         raise ServerError(
