@@ -33,12 +33,14 @@ def _jsonable(v: Any) -> Any:
 
 def _dump_paths(items: list[str]) -> list[Path]:
     """Dump files, run folders (their trajectories.h5) or sweep folders (every dump under them)."""
-    from .load import DUMP_NAME, find_runs
+    from reled_hpc.experiment.run_dir import dump_path
+
+    from .load import find_runs
 
     out: list[Path] = []
     for item in items:
         p = Path(item)
-        if p.is_dir() and not (p / DUMP_NAME).is_file():
+        if p.is_dir() and not dump_path(p).is_file():
             out += find_runs(p)
         else:
             out.append(p)

@@ -1,35 +1,32 @@
 """Lazy access to HDF5 dumps, run discovery under a sweep folder, grouping of runs, references.
 
-An intact dump is read through `reled_hpc.io.TrajectoryReader`. One shorter than its superblock says
-(cut short) or that the reader finds damaged is read by `SalvageDump` through `PaddedFile`, and only
-rows whose chunks lie wholly inside the file are used: HDF5 reads the missing bytes as zeros, which for
-uncompressed data (`metrics/`) would otherwise come back as iterations full of 0.
+An intact dump is read through `reled_hpc.io.TrajectoryReader`; one shorter than its superblock says
+(cut short) or that the reader finds damaged through `reled_hpc.io.SalvageReader`, for the committed
+iterations that are readable, with a problem saying what was left out.
 Nothing here loads a whole `agent/` or `expert/` column: rows are streamed with `iter_chunks`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 import h5py
 import numpy as np
 import yaml
 
-from reled_hpc.errors import DumpError, ReledError
-from reled_hpc.io import TrajectoryReader
+from reled_hpc.errors import ConfigError, DumpError, ReledError
+from reled_hpc.experiment.algorithms import get_algorithm
+from reled_hpc.experiment.config import agent_counts
+from reled_hpc.experiment.run_dir import DUMP_FILE, dump_path
+from reled_hpc.io import SalvageReader, TrajectoryReader, cut_short
 from reled_hpc.io import schema as S
-from reled_hpc.io.reader import Superblock, first_row_after
 
-DUMP_NAME = "trajectories.h5"
 REFERENCES_NAME = "references.json"
 CHUNK_ROWS = 65536  # rows per read: 64k rows of the narrow columns analysis reads are a few MB
 
@@ -69,25 +66,19 @@ def _parse_config(path: Path, text: Any, problems: list[str]) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
-class _Closing:
-    def __enter__(self) -> Any:
-        return self
+class ReaderDump:
+    """A dump through a reled_hpc.io reader: a TrajectoryReader of an intact file, or a SalvageReader of
+    a damaged one (`reason`: what is wrong with it). Read errors later on (a damaged chunk) become DumpError."""
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()  # type: ignore[attr-defined]
-
-
-class ReaderDump(_Closing):
-    """An intact dump, through TrajectoryReader; read errors later on (a damaged chunk) become DumpError."""
-
-    def __init__(self, reader: TrajectoryReader) -> None:
+    def __init__(self, reader: TrajectoryReader, reason: str = "") -> None:
         self._r = reader
         self.path = reader.path
         self.a_max = reader.a_max
         self.problems: list[str] = []
         self.config = _parse_config(self.path, reader.attrs.get("config", ""), self.problems)
+        if isinstance(reader, SalvageReader):
+            sep = " " if reason.endswith(("?", ".")) else ". "
+            self.problems.append(f"{self.path}: {reason}{sep}Analysed the readable part: {reader.recovered}")
         left = {g: n for g, n in reader.uncommitted_rows.items() if n}
         if left:
             self.problems.append(
@@ -127,266 +118,35 @@ class ReaderDump(_Closing):
     def close(self) -> None:
         self._r.close()
 
+    def __enter__(self) -> ReaderDump:
+        return self
 
-def _readable_rows(ds: h5py.Dataset, eof: int) -> int:
-    """Leading rows of `ds` whose chunks lie wholly inside the first `eof` bytes of the file.
-
-    The chunk index itself may be cut: chunks listed before the index became unreadable still count.
-    """
-    n = int(ds.shape[0])
-    if n == 0:
-        return 0
-    try:
-        if ds.chunks is None:
-            off = ds.id.get_offset()
-            return n if off is not None and off + ds.id.get_storage_size() <= eof else 0
-    except (OSError, RuntimeError, ValueError):
-        return 0
-    inside: set[int] = set()
-    outside = [n]
-
-    def visit(info: Any) -> None:
-        start = int(info.chunk_offset[0])
-        if info.byte_offset is None or info.byte_offset + info.size > eof:
-            outside.append(start)
-        else:
-            inside.add(start)
-
-    try:
-        if hasattr(ds.id, "chunk_iter"):  # one pass over the chunk index (HDF5 >= 1.12.3)
-            ds.id.chunk_iter(visit)
-        else:
-            for i in range(ds.id.get_num_chunks()):
-                visit(ds.id.get_chunk_info(i))
-    except (OSError, RuntimeError, ValueError, KeyError):  # the index is cut: keep the run of listed chunks
-        k, step = 0, int(ds.chunks[0])
-        while k < n and k in inside:
-            k += step
-        outside.append(k)
-    return min(min(outside), n)
-
-
-def superblock_eoa(head: bytes) -> int | None:
-    """End of address recorded in a v2/v3 superblock (the file's expected size), None if not one."""
-    sb = Superblock.parse(head)
-    return None if sb is None else sb.base + sb.eoa
-
-
-class PaddedFile(io.RawIOBase):
-    """A read-only view of a cut file as long as its superblock says it should be, zeros past the end.
-
-    HDF5 refuses a file shorter than its recorded end of address ("truncated file"). Its SWMR read
-    mode skips that check but retries every failed metadata read ~100 times with sleeps, so reading
-    anything past the cut hangs for minutes; through this view a plain read-only open sees the
-    missing bytes as zeros and fails at once (checksums, filters). A killed writer's "open for
-    write" superblock flags are shown cleared, as h5clear would, without touching the file.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._fh = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self.size = os.fstat(self._fh.fileno()).st_size
-        self._pos = 0
-        self._head = b""
-        sb = Superblock.parse(self._fh.read(64))
-        self.virtual_size = max(self.size, sb.base + sb.eoa if sb else 0)
-        if sb is not None and sb.flags:
-            self._head = sb.rewritten(flags=0, eoa=sb.eoa)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.virtual_size}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        n = max(0, min(len(view), self.virtual_size - self._pos))
-        self._fh.seek(self._pos)
-        got = self._fh.readinto(view[:n]) or 0
-        view[got:n] = bytes(n - got)  # past the cut: zeros
-        if self._head and self._pos < len(self._head):
-            k = min(n, len(self._head) - self._pos)
-            view[:k] = self._head[self._pos : self._pos + k]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._fh.close()
-        super().close()
-
-
-class SalvageDump(_Closing):
-    """A dump TrajectoryReader refuses (truncated, damaged): the committed iterations that are readable.
-
-    The reader's commit rule is kept (leading finite `metrics/iteration` cells), applied to the part
-    of every metrics column that lies inside the file; rows are cut to whole iterations.
-    """
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = path
-        self.problems: list[str] = []
-        self._raw = PaddedFile(path)
-        try:
-            self._f = h5py.File(self._raw, "r")
-        except OSError as exc:
-            self._raw.close()
-            raise DumpError(f"{path}: cannot open the file even to recover its readable part ({exc})") from exc
-        try:
-            self._scan(self._raw.size, reason)
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-            self.close()
-            raise DumpError(f"{path}: cannot recover anything readable ({type(exc).__name__}: {exc})") from exc
-        except BaseException:
-            self.close()
-            raise
-
-    def _scan(self, eof: int, reason: str) -> None:
-        f, path = self._f, self.path
-        missing = [k for k in S.FILE_ATTRS if k not in f.attrs]
-        if missing:
-            raise DumpError(f"{path}: file attributes {missing} are missing; not a reled-hpc dump?")
-        version = int(f.attrs["schema_version"])
-        if version != S.SCHEMA_VERSION:
-            raise DumpError(f"{path}: schema_version {version}, this analysis reads {S.SCHEMA_VERSION}")
-        self.config = _parse_config(path, f.attrs["config"], self.problems)
-        self.a_max = int(f.attrs["a_max"])
-        extra = tuple(x.decode() if isinstance(x, bytes) else str(x) for x in f.attrs["extra_metrics"])
-        for g in S.ALL_GROUPS:
-            if g not in f:
-                raise DumpError(f"{path}: group {g + '/'!r} is missing")
-        mg = f[S.METRICS_GROUP]
-        names = [n for n in S.metric_columns(extra) if n in mg]
-        if "iteration" not in names:
-            raise DumpError(f"{path}: metrics/iteration is missing")
-        written = int(mg["iteration"].shape[0])
-        cols: dict[str, np.ndarray] = {}
-        for n in names:
-            k = _readable_rows(mg[n], eof)
-            try:
-                cols[n] = mg[n][:k]
-            except (OSError, RuntimeError):
-                cols[n] = np.empty(0)
-        k = min(len(a) for a in cols.values())
-        it = cols["iteration"][:k]
-        ok = np.isfinite(it)
-        ok[1:] &= np.diff(it) > 0  # iterations strictly increase; anything else is not data
-        bad = np.flatnonzero(~ok)
-        n_commit = int(bad[0]) if bad.size else k
-        self._metrics = {n: a[:n_commit] for n, a in cols.items()}
-        self._iterations = it[:n_commit].astype(np.int64)
-        last = int(self._iterations[-1]) if n_commit else -1
-        self._n: dict[str, int] = {}
-        notes = []
-        for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
-            grp = f[g]
-            numeric = [grp[c] for c in grp if h5py.check_string_dtype(grp[c].dtype) is None]
-            n_total = min(int(ds.shape[0]) for ds in grp.values())
-            readable = min([_readable_rows(ds, eof) for ds in numeric] + [n_total])
-            n = first_row_after(grp["iteration"], last, readable)
-            if readable < n_total and n == readable and n > 0:
-                # the readable prefix ends inside committed rows: its last iteration may be partial
-                n = first_row_after(grp["iteration"], int(grp["iteration"][n - 1]) - 1, n)
-            self._n[g] = n
-            if readable < n_total:
-                upto = f"iterations <= {int(grp['iteration'][n - 1])}" if n else "none"
-                notes.append(f"{g}/ keeps {n} of {n_total} rows ({upto})")
-        lost = f"; rows past the damage are left out: {', '.join(notes)}" if notes else ""
-        sep = " " if reason.endswith(("?", ".")) else ". "
-        self.problems.append(
-            f"{path}: {reason}{sep}Analysed the readable part: {n_commit} committed iterations "
-            f"(of {written} metrics rows written){lost}"
-        )
-
-    def metrics(self) -> dict[str, np.ndarray]:
-        return {n: a.copy() for n, a in self._metrics.items()}
-
-    def iterations(self) -> np.ndarray:
-        return self._iterations.copy()
-
-    def n_rows(self, group: str) -> int:
-        return len(self._iterations) if group == S.METRICS_GROUP else self._n[group]
-
-    def iter_chunks(
-        self,
-        group: str,
-        columns: Sequence[str] | None = None,
-        chunk_rows: int = CHUNK_ROWS,
-        iterations: Iterable[int] | None = None,
-    ) -> Iterator[dict[str, np.ndarray]]:
-        if group not in self._n:
-            raise DumpError(f"{self.path}: group must be one of {tuple(self._n)}, got {group!r}")
-        grp = self._f[group]
-        cols = list(columns) if columns is not None else list(grp)
-        unknown = [c for c in cols if c not in grp]
-        if unknown:
-            raise DumpError(f"{self.path}: {group}/ has no columns {unknown}")
-        n = self._n[group]
-        if iterations is None:
-            ranges = [(0, n)] if n else []
-        else:
-            it = grp["iteration"]
-            want = sorted({int(i) for i in iterations} & {int(i) for i in self._iterations})
-            ranges = [(first_row_after(it, i - 1, n), first_row_after(it, i, n)) for i in want]
-        for start, stop in ranges:
-            for lo in range(start, stop, chunk_rows):
-                hi = min(lo + chunk_rows, stop)
-                try:
-                    yield {c: _read(grp[c], lo, hi) for c in cols}
-                except (OSError, RuntimeError) as exc:
-                    raise DumpError(f"{self.path}: {group}/ rows {lo}..{hi} unreadable ({exc})") from exc
-
-    def close(self) -> None:
-        if getattr(self, "_f", None) is not None:
-            self._f.close()  # before the file object under it: HDF5 still talks to it while closing
-            self._f = None
-        self._raw.close()
-
-
-def _read(ds: h5py.Dataset, lo: int, hi: int) -> np.ndarray:
-    if h5py.check_string_dtype(ds.dtype) is not None:
-        return np.array(ds.asstr()[lo:hi], dtype=object)
-    return ds[lo:hi]
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def resolve_dump_path(path: str | Path) -> Path:
-    """A dump file, or a run folder holding `trajectories.h5`."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / DUMP_NAME).is_file():
-            return p / DUMP_NAME
-        raise DumpError(f"{p}: a folder without {DUMP_NAME}; give the dump file or a run folder")
+    """A dump file, or a run folder holding one."""
+    p = dump_path(path)
+    if Path(path).is_dir() and not p.is_file():
+        raise DumpError(f"{path}: a folder without {DUMP_FILE}; give the dump file or a run folder")
     return p
 
 
-def _short_file(p: Path) -> str | None:
-    """Why `p` is shorter than its superblock says, or None. Such a file goes straight to SalvageDump:
-    the reader may open it in SWMR mode (a killed writer's flags), where every metadata read past the
-    end is retried ~100 times with sleeps."""
+def _reader_dump(reader: TrajectoryReader, reason: str = "") -> ReaderDump:
     try:
-        with open(p, "rb") as fh:
-            eoa = superblock_eoa(fh.read(64))
-            size = os.fstat(fh.fileno()).st_size
-    except OSError:
-        return None
-    if eoa is None or size >= eoa:
-        return None
-    return f"the file is {size:,} bytes, its superblock records {eoa:,} (cut short, or its writer was killed)"
+        return ReaderDump(reader, reason)
+    except BaseException:
+        reader.close()
+        raise
 
 
 def open_dump(path: str | Path) -> Dump:
     """Open a dump lazily; a truncated or damaged one is opened for its readable part (see `problems`)."""
     p = resolve_dump_path(path)
-    short = _short_file(p) if p.is_file() else None
-    if short:
-        return SalvageDump(p, reason=short)
+    short = cut_short(p) if p.is_file() else None
+    if short:  # straight to the salvage reader: no SWMR open, whose reads past the end are retried for minutes
+        return _reader_dump(SalvageReader(p), short)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # uncommitted rows: reported via problems
@@ -396,14 +156,10 @@ def open_dump(path: str | Path) -> Dump:
         if not p.is_file() or not h5py.is_hdf5(p) or "truncated or damaged" not in str(exc):
             raise
         try:
-            return SalvageDump(p, reason=str(exc).removeprefix(f"{p}: "))
+            return _reader_dump(SalvageReader(p), str(exc).removeprefix(f"{p}: "))
         except DumpError as salvage_exc:
             raise DumpError(f"{exc}; {str(salvage_exc).removeprefix(f'{p}: ')}") from exc
-    try:
-        return ReaderDump(reader)
-    except BaseException:
-        reader.close()
-        raise
+    return _reader_dump(reader)
 
 
 # ---------------------------------------------------------------------------- one run in memory
@@ -455,12 +211,16 @@ class RunData:
 
     @property
     def total_agents(self) -> int | None:
-        """dist.total_agents when > 0, else env.n_agents per rank times the ranks."""
-        total = self.cfg("dist.total_agents", 0)
-        if isinstance(total, int) and total > 0:
-            return total
-        n = self.cfg("env.n_agents")
-        return n * self.ranks if isinstance(n, int) else None
+        """Agents over all ranks, as training split them (reled_hpc.experiment.config.agent_counts:
+        dist.total_agents when > 0, else env.n_agents per rank); None when the config is unreadable or
+        its values are unusable."""
+        if not self.config:
+            return None
+        try:
+            total = sum(agent_counts(self.config, self.ranks))
+        except (ConfigError, TypeError, ValueError, AttributeError):  # e.g. a string where a count belongs
+            return None
+        return total if isinstance(total, int) else None
 
     @property
     def iterations(self) -> np.ndarray:
@@ -508,13 +268,13 @@ def load_run(path: str | Path) -> RunData:
 
 
 def find_runs(sweep_dir: str | Path) -> list[Path]:
-    """Every trajectories.h5 under `sweep_dir`, recursively, in path order."""
+    """Every dump (trajectories.h5) under `sweep_dir`, recursively, in path order."""
     root = Path(sweep_dir)
     if not root.is_dir():
         raise ReledError(f"{root}: not a folder (expected a sweep folder holding run folders)")
-    found = sorted(p for p in root.rglob(DUMP_NAME) if p.is_file())
+    found = sorted(p for p in root.rglob(DUMP_FILE) if p.is_file())
     if not found:
-        raise ReledError(f"{root}: no {DUMP_NAME} found under it")
+        raise ReledError(f"{root}: no {DUMP_FILE} found under it")
     return found
 
 
@@ -563,18 +323,14 @@ def flat_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def unused_keys(cfg: dict[str, Any]) -> tuple[str, ...]:
-    """Config keys (or "section." prefixes) the run's algorithm never reads (reled_hpc/train.py):
-    a difference there does not make another experiment, nor belongs in a label."""
-    algo, expert = cfg.get("algorithm"), cfg_get(cfg, "hpo.expert")
-    expert_keys = ("hpo.expert", "hpo.kappa", "hpo.dtw_radius", "hpo.oracle_policy")  # not hpo.scenario_period
-    unused: list[str] = ["ppo."] if algo == "qmix" else ["qmix."]
-    if algo != "reled":
-        unused += [*expert_keys, "sed.", "llm."]
-    elif expert != "llm":
-        unused += ["sed.", "llm."] + (["hpo.kappa", "hpo.dtw_radius", "hpo.oracle_policy"] if expert == "none" else [])
-    else:
-        unused.append("hpo.oracle_policy")
-    return tuple(unused)
+    """Config keys (or "section." prefixes) the run's algorithm never reads (the algorithm registry):
+    a difference there does not make another experiment, nor belongs in a label. An algorithm the
+    package does not know (an old dump): none, so that no difference is hidden."""
+    try:
+        algo = get_algorithm(str(cfg.get("algorithm")))
+    except ConfigError:
+        return ()
+    return algo.unused_keys(cfg_get(cfg, "hpo.expert"))
 
 
 def experiment_key(run: RunData, ignore: Iterable[str] = ()) -> dict[str, Any]:

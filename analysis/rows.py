@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from reled_hpc.errors import DumpError
+from reled_hpc.experiment.config import HPOConfig
 
 from .load import CHUNK_ROWS, Dump, RunData, cfg_get
 
@@ -105,18 +106,6 @@ def map_scale(config: dict[str, Any]) -> tuple[float | None, str]:
     return None, ""
 
 
-def _trajectories(rows: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
-    """agent id -> (T, 2) positions in decision order, as the training's DTW sees them."""
-    if not len(rows["agent_id"]):
-        return {}
-    # stable sort: rows of one agent and episode are already in time order in the file
-    order = np.lexsort((rows["episode"], rows["agent_id"]))
-    ids = rows["agent_id"][order]
-    xy = np.stack([rows["x"][order], rows["y"][order]], axis=1).astype(np.float64)
-    cuts = np.flatnonzero(ids[1:] != ids[:-1]) + 1
-    return {int(i[0]): p for i, p in zip(np.split(ids, cuts), np.split(xy, cuts), strict=True)}
-
-
 def _iteration_rows(dump: Dump, group: str, it: int, chunk_rows: int) -> dict[str, np.ndarray]:
     cols = ["agent_id", "episode", "x", "y"]
     parts = list(dump.iter_chunks(group, cols, chunk_rows, [it]))
@@ -143,29 +132,31 @@ def dtw_by_iteration(
     dump: Dump,
     iterations: Iterable[int],
     scale: float,
-    kappa: float,
-    radius: int = 1,
+    kappa: float = HPOConfig.kappa,
+    radius: int = HPOConfig.dtw_radius,
     n_agents: int | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> dict[str, np.ndarray]:
     """alpha_mean and dtw_mean per iteration, recomputed from the agent and expert positions.
 
-    As in training (reled_hpc.learn.hpo.agent_alphas): D_i = DTW(expert_i, agent_i) / scale,
+    Through training's own functions (reled_hpc.learn.hpo): D_i = DTW(expert_i, agent_i) / scale,
     alpha_i = exp(-kappa D_i), alpha = 1 for agents without both trajectories; alpha_mean is over
-    all `n_agents` agents, dtw_mean over those with a DTW. One iteration's rows are in memory at a time.
+    all `n_agents` agents (and any other id in the rows), dtw_mean over those with a DTW; NaN alpha
+    for an iteration without expert rows. One iteration's rows are in memory at a time.
     """
-    from reled_hpc.learn.dtw import dtw_distance
+    from reled_hpc.learn.hpo import alphas_from_trajectories, trajectories_by_agent
 
     its, alphas, dtws = [], [], []
     for it in iterations:
-        a = _trajectories(_iteration_rows(dump, "agent", int(it), chunk_rows))
-        e = _trajectories(_iteration_rows(dump, "expert", int(it), chunk_rows))
-        d = np.array([dtw_distance(e[i], a[i], scale, radius) for i in sorted(a) if i in e], np.float64)
-        total = max(n_agents or 0, len(set(a) | set(e)))
+        a = trajectories_by_agent(_iteration_rows(dump, "agent", int(it), chunk_rows))
+        e = trajectories_by_agent(_iteration_rows(dump, "expert", int(it), chunk_rows))
+        agents = sorted(set(range(n_agents or 0)) | set(a) | set(e))
+        alpha, d = alphas_from_trajectories(a, e, agents, scale, kappa, radius)
+        d = d[~np.isnan(d)]
         its.append(int(it))
         dtws.append(float(d.mean()) if d.size else math.nan)
         # no expert rows: HPO did not apply (NaN, as the metrics have it), not "alpha = 1 everywhere"
-        alphas.append(float((np.exp(-kappa * d).sum() + (total - d.size)) / total) if e and total else math.nan)
+        alphas.append(float(alpha.mean()) if e else math.nan)
     return {"iteration": np.asarray(its, np.int64), "alpha_mean": np.asarray(alphas), "dtw_mean": np.asarray(dtws)}
 
 
@@ -188,8 +179,8 @@ def recompute_hpo(dump: Dump, run: RunData, force: bool = False) -> tuple[dict[s
         )
         if scale is None:
             return None, notes
-    kappa = float(run.cfg("hpo.kappa", 5.0))
-    radius = int(run.cfg("hpo.dtw_radius", 1))
+    kappa = float(run.cfg("hpo.kappa", HPOConfig.kappa))
+    radius = int(run.cfg("hpo.dtw_radius", HPOConfig.dtw_radius))
     try:
         out = dtw_by_iteration(dump, targets.tolist(), scale, kappa, radius, run.total_agents)
     except DumpError as exc:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from reled_hpc.expert.indices import plan_preference
+from reled_hpc.expert.summary import sed_summary
 from reled_hpc.finite import finite_stat
 
 from .load import Dump, RunData
@@ -107,7 +109,7 @@ def time_to_threshold(run: RunData, threshold: float, window: int = FINAL_WINDOW
 
 
 # ---------------------------------------------------------------------------- SED programs
-PROGRAM_COLUMNS = ("iteration", "cycle", "subset", "round", "executed", "rvi", "pdi", "latency_s",
+PROGRAM_COLUMNS = ("iteration", "rank", "cycle", "subset", "round", "executed", "rvi", "pdi", "latency_s",
                    "prompt_tokens", "completion_tokens")  # fmt: skip
 # text/error are left out: they are the only large program columns and no statistic needs them
 
@@ -120,23 +122,18 @@ def read_programs(dump: Dump) -> dict[str, np.ndarray]:
     return {c: np.concatenate([p[c] for p in parts]) for c in PROGRAM_COLUMNS}
 
 
-def _rank_key(executed: bool, rvi: float, pdi: float) -> tuple[float, float, float]:
-    """The expert's own preference (reled_hpc.expert.llm_expert._Plan.rank, without route counts):
-    executed first, then lowest RVI, then lowest PDI."""
-    inf = math.inf
-    return (0.0 if executed else 1.0, rvi if math.isfinite(rvi) else inf, pdi if math.isfinite(pdi) else inf)
-
-
 def refinement_pairs(progs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per (iteration, cycle, subset): the first round's RVI/PDI and the best (kept) attempt's."""
-    n = len(progs["iteration"])
-    by: dict[tuple[int, int, int], list[int]] = {}
-    for i in range(n):
-        by.setdefault((int(progs["iteration"][i]), int(progs["cycle"][i]), int(progs["subset"][i])), []).append(i)
+    """Per (iteration, rank, cycle, subset): the first round's RVI/PDI and the best (kept) attempt's.
+    Subset numbers are per rank: every rank's expert partitions its own agents."""
+    keys = zip(*(progs[c].tolist() for c in ("iteration", "rank", "cycle", "subset")), strict=True)
+    by: dict[tuple[int, int, int, int], list[int]] = {}
+    for i, key in enumerate(keys):
+        by.setdefault(key, []).append(i)
     out: dict[str, list[float]] = {k: [] for k in ("iteration", "rounds", "rvi0", "pdi0", "rvi", "pdi")}
-    for (it, _, _), rows in sorted(by.items()):
+    for (it, *_), rows in sorted(by.items()):
         first = min(rows, key=lambda i: int(progs["round"][i]))
-        best = min(rows, key=lambda i: _rank_key(bool(progs["executed"][i]), progs["rvi"][i], progs["pdi"][i]))
+        # the expert's own preference; the dump does not keep route counts, so they do not tell plans apart
+        best = min(rows, key=lambda i: plan_preference(bool(progs["executed"][i]), 0, progs["rvi"][i], progs["pdi"][i]))
         out["iteration"].append(it)
         out["rounds"].append(len(rows))
         out["rvi0"].append(float(progs["rvi"][first]))
@@ -154,9 +151,11 @@ def sed_stats(run: RunData, progs: dict[str, np.ndarray]) -> dict[str, Any]:
         pairs = refinement_pairs(progs)
         lat = progs["latency_s"]
         pt, ct = progs["prompt_tokens"], progs["completion_tokens"]
+        summary = sed_summary(progs, run.metrics)  # the package's counts: rate = executed / answered
         out.update(
-            executed=int(np.sum(progs["executed"])),
-            execution_rate=float(np.mean(progs["executed"])),
+            answered=summary.generated,
+            executed=summary.executed,
+            execution_rate=summary.execution_rate,
             subset_cycles=len(pairs["iteration"]),
             rounds_mean=finite_stat(pairs["rounds"], np.mean),
             rvi_before_mean=finite_stat(pairs["rvi0"], np.mean),

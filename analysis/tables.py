@@ -151,6 +151,8 @@ def summary_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append(("SED / HPO", ""))
         if sed["programs"]:
             ex = f"{sed['executed']:,} executed, {fmt_pct(sed['execution_rate'])}"
+            if sed["answered"] != sed["programs"]:  # failed requests: the rate is of the answered programs
+                ex = f"{sed['answered']:,} answered, {ex} of them"
             rounds = f"{sed['subset_cycles']:,} subset-cycles, {fmt_num(sed['rounds_mean'])} rounds each"
 
             def arrow(key: str, digits: int = 2) -> str:

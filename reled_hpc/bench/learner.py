@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..experiment.config import HPOConfig
 from ..expert.oracle import OracleExpert
 from ..learn.config import PPOConfig, QMIXConfig
 from ..learn.hpo import agent_alphas
@@ -52,7 +53,7 @@ def bench_agents(n_agents: int, map_name: str, horizon: float, seed: int) -> dic
         scale = env.graph.scale
     n = len(batch["action"])
     t0 = time.perf_counter()
-    alpha, dtw = agent_alphas(batch, expert, n_agents, scale, kappa=5.0)
+    alpha, dtw = agent_alphas(batch, expert, n_agents, scale, kappa=HPOConfig.kappa)
     dtw_s = time.perf_counter() - t0
     pairs = int(np.isfinite(dtw).sum())
     with tempfile.TemporaryDirectory() as tmp:

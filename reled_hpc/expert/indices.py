@@ -1,4 +1,4 @@
-"""SED's stationarity indices (ARCHITECTURE.md section 2, step 4): pure maths, numpy/torch in, numbers out.
+"""SED's stationarity indices (docs/architecture.md section 3.2): pure maths, numpy/torch in, numbers out.
 
 The bound. With |r| <= r_max and discount gamma, when the agents of S_k switch from pi_i to pi'_i,
 every agent j outside S_k sees its objective move by at most (simulation lemma, TV, Pinsker)
@@ -278,3 +278,16 @@ def measured_external_change(
     mean = float(d.mean())
     norm = abs(mean) / float(return_scale) if return_scale else math.nan
     return ExternalChange(mean, abs(mean), float(np.abs(d).max()), int(d.size), norm)
+
+
+def plan_preference(executed: bool, routes: int, rvi: float, pdi: float) -> tuple[float, float, float, float]:
+    """Sort key of a subset's plans, lower is better: a program that executed first, then more valid
+    routes, then the lowest RVI, then the lowest PDI (NaN: not measured, last). SED keeps the best
+    plan by it; the analysis ranks dumped programs by it (routes unknown there: pass the same value)."""
+    inf = math.inf
+    return (
+        0.0 if executed else 1.0,
+        -float(routes),
+        rvi if math.isfinite(rvi) else inf,
+        pdi if math.isfinite(pdi) else inf,
+    )

@@ -1,4 +1,4 @@
-"""SED's LLM expert (ARCHITECTURE.md section 2): LLM-written `plan(api)` programs, run in the sandbox,
+"""SED's LLM expert (docs/architecture.md section 3.3): LLM-written `plan(api)` programs, run in the sandbox,
 driven in SUMO from the scenario's start state, scored by PDI/RVI and revised with feedback.
 
 One `demonstrate` call is one refinement cycle: partition the agents into m subsets, ask for one
@@ -25,7 +25,7 @@ from ..llm.client import Completion, LLMClient, Request
 from ..sim.env import NavigationEnv
 from .base import PolicyLogProbs
 from .config import SEDConfig
-from .indices import measured_external_change, pdi, rvi, smoothed_expert_policy
+from .indices import measured_external_change, pdi, plan_preference, rvi, smoothed_expert_policy
 from .partition import partition_for_cycle
 from .prompts import (
     ReplyFormatError,
@@ -59,14 +59,8 @@ class _Plan:
         return self.result.routes or {}
 
     def rank(self) -> tuple[float, ...]:
-        """Lower is better: fully valid first, then more valid routes, then lowest RVI, then PDI."""
-        inf = math.inf
-        return (
-            0.0 if self.result.executed else 1.0,
-            -float(len(self.routes)),
-            self.rvi if math.isfinite(self.rvi) else inf,
-            self.pdi if math.isfinite(self.pdi) else inf,
-        )
+        """Lower is better (indices.plan_preference)."""
+        return plan_preference(self.result.executed, len(self.routes), self.rvi, self.pdi)
 
 
 def occupancy_fraction(value: float) -> float:

@@ -86,7 +86,7 @@ def sed_summary(p: dict[str, np.ndarray], m: dict[str, np.ndarray]) -> SEDSummar
             previous[key] = p["text"][j]
     lat = p["latency_s"][answered]
     out.latency_total_s = float(np.nansum(lat))
-    out.latency_mean_s = float(np.nanmean(lat)) if len(lat) else math.nan
+    out.latency_mean_s = finite_mean(lat)  # NaN without numpy's warning when no answer has a latency
     tok = (p["prompt_tokens"] + p["completion_tokens"])[answered]
     out.tokens_mean = float(tok.mean()) if len(tok) else math.nan
     hits = m.get("llm_cache_hits")

@@ -91,6 +91,11 @@ class Superblock:
             return None
         return cls(head)
 
+    @property
+    def expected_size(self) -> int:
+        """The file size this superblock records: base address plus end of address."""
+        return self.base + self.eoa
+
     def _addr(self, k: int) -> int:
         at = 12 + k * self.size_o
         return int.from_bytes(self.block[at : at + self.size_o], "little")
@@ -187,6 +192,8 @@ def first_row_after(iteration: h5py.Dataset, value: int, n: int) -> int:
 class TrajectoryReader:
     """Read a dump lazily; only iterations whose metrics row was committed are ever reported."""
 
+    _unreadable = "unreadable ({}); is it truncated or damaged?"  # SalvageReader words it its own way
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._f = open_h5(self.path, "r")
@@ -200,47 +207,13 @@ class TrajectoryReader:
         return DumpError(f"{self.path}: {problem}")
 
     def _validate(self) -> None:
-        f = self._f
         try:
-            attrs = {k: f.attrs[k] for k in f.attrs}
-            for key in S.FILE_ATTRS:
-                if key not in attrs:
-                    raise self._err(f"file attribute {key!r} is missing; not a reled-hpc dump?")
-            version = int(attrs["schema_version"])
-            if version not in S.READABLE_VERSIONS:
-                raise self._err(f"schema_version {version}, this reader reads {S.READABLE_VERSIONS}")
-            self.schema_version = version
-            self.obs_dim = int(attrs["obs_dim"])
-            self.a_max = int(attrs["a_max"])
-            self.extra_metrics = tuple(str(m) for m in attrs["extra_metrics"])
-            for g in S.ALL_GROUPS:
-                if g not in f or not isinstance(f[g], h5py.Group):
-                    raise self._err(f"group {g + '/'!r} is missing")
-            want = {
-                **{g: [c.name for c in S.ROW_COLUMNS] for g in S.ROW_GROUPS},
-                S.METRICS_GROUP: list(S.metric_columns(self.extra_metrics)),
-                S.PROGRAMS_GROUP: [c.name for c in S.program_columns(version)],
-            }
-            for g, names in want.items():
-                missing = [n for n in names if n not in f[g]]
-                if missing:
-                    raise self._err(f"group {g + '/'!r} lacks datasets {missing}")
-            self._n_metrics = committed_metric_rows(f[S.METRICS_GROUP])
-            its = f[S.METRICS_GROUP]["iteration"][: self._n_metrics]
-            self._iterations = its.astype(np.int64)
-            last = int(self._iterations[-1]) if self._n_metrics else -1
-            self._n: dict[str, int] = {}
-            self.uncommitted_rows: dict[str, int] = {}
-            for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
-                n_min = min(ds.shape[0] for ds in f[g].values())
-                n_max = max(ds.shape[0] for ds in f[g].values())
-                self._n[g] = first_row_after(f[g]["iteration"], last, n_min)
-                self.uncommitted_rows[g] = n_max - self._n[g]
-            self.uncommitted_rows[S.METRICS_GROUP] = f[S.METRICS_GROUP]["iteration"].shape[0] - self._n_metrics
+            self._check_layout()
+            self._count_committed()
         except DumpError:
             raise
         except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
-            raise self._err(f"unreadable ({type(exc).__name__}: {exc}); is it truncated or damaged?") from exc
+            raise self._err(self._unreadable.format(f"{type(exc).__name__}: {exc}")) from exc
         if any(self.uncommitted_rows.values()):
             left = {g: n for g, n in self.uncommitted_rows.items() if n}
             warnings.warn(
@@ -248,6 +221,49 @@ class TrajectoryReader:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def _check_layout(self) -> None:
+        """File attributes, schema version, groups and datasets (sets the attribute-derived fields)."""
+        f = self._f
+        attrs = {k: f.attrs[k] for k in f.attrs}
+        for key in S.FILE_ATTRS:
+            if key not in attrs:
+                raise self._err(f"file attribute {key!r} is missing; not a reled-hpc dump?")
+        version = int(attrs["schema_version"])
+        if version not in S.READABLE_VERSIONS:
+            raise self._err(f"schema_version {version}, this reader reads {S.READABLE_VERSIONS}")
+        self.schema_version = version
+        self.obs_dim = int(attrs["obs_dim"])
+        self.a_max = int(attrs["a_max"])
+        self.extra_metrics = tuple(str(m) for m in attrs["extra_metrics"])
+        for g in S.ALL_GROUPS:
+            if g not in f or not isinstance(f[g], h5py.Group):
+                raise self._err(f"group {g + '/'!r} is missing")
+        want = {
+            **{g: [c.name for c in S.ROW_COLUMNS] for g in S.ROW_GROUPS},
+            S.METRICS_GROUP: list(S.metric_columns(self.extra_metrics)),
+            S.PROGRAMS_GROUP: [c.name for c in S.program_columns(version)],
+        }
+        for g, names in want.items():
+            missing = [n for n in names if n not in f[g]]
+            if missing:
+                raise self._err(f"group {g + '/'!r} lacks datasets {missing}")
+
+    def _count_committed(self) -> None:
+        """Committed metrics rows and, per row group, the rows up to the last committed iteration."""
+        f = self._f
+        self._n_metrics = committed_metric_rows(f[S.METRICS_GROUP])
+        its = f[S.METRICS_GROUP]["iteration"][: self._n_metrics]
+        self._iterations = its.astype(np.int64)
+        last = int(self._iterations[-1]) if self._n_metrics else -1
+        self._n: dict[str, int] = {}
+        self.uncommitted_rows: dict[str, int] = {}
+        for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
+            n_min = min(ds.shape[0] for ds in f[g].values())
+            n_max = max(ds.shape[0] for ds in f[g].values())
+            self._n[g] = first_row_after(f[g]["iteration"], last, n_min)
+            self.uncommitted_rows[g] = n_max - self._n[g]
+        self.uncommitted_rows[S.METRICS_GROUP] = f[S.METRICS_GROUP]["iteration"].shape[0] - self._n_metrics
 
     # ------------------------------------------------------------------ metadata
     @property

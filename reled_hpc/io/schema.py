@@ -1,4 +1,4 @@
-"""The HDF5 trajectory dump schema as data (ARCHITECTURE.md section 5; docs/hdf5_schema.md).
+"""The HDF5 trajectory dump schema as data (docs/architecture.md section 4; docs/hdf5_schema.md).
 
 Writer, reader and docs all derive from these tables, so the contract lives in one place.
 """
