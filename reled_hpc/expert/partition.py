@@ -1,4 +1,4 @@
-"""Random partition of the agents into SED's m disjoint subsets S_1..S_m (ARCHITECTURE.md section 2).
+"""Random partition of the agents into SED's m disjoint subsets S_1..S_m (docs/architecture.md section 3.3).
 
 Re-drawn each refinement cycle: `partition_for_cycle(ids, m, seed, cycle)` seeds a generator from
 (seed, cycle), so a run is reproducible and consecutive cycles get different subsets.

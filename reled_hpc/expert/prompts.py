@@ -1,8 +1,8 @@
 """SED prompts: a fixed-size summary of one agent subset, the plan and feedback messages, and reply parsing.
 
-A prompt must not grow with the subset (ARCHITECTURE.md, "Scale": a 500-agent subset must fit a 4k
-context). So the prompt never lists the subset's agents (except in json mode, which is for small
-subsets): it summarises them into a bounded number of lines (the area's bounding box, the most
+A prompt must not grow with the subset (a 500-agent subset must fit a 4k context, docs/sed.md). So
+the prompt never lists the subset's agents (except in json mode, which is for small subsets): it
+summarises them into a bounded number of lines (the area's bounding box, the most
 congested edges, the edges the subset itself would crowd, a few landmarks, origin/destination
 clusters on a 3x3 grid, the main flows, a few sample agents), and the program is generic: `plan(api)`
 loops over `api.agents()`. Feedback rounds replace the previous feedback instead of appending to it.
