@@ -25,6 +25,7 @@ PARTS = ("rollout_s", "expert_s", "dtw_s", "comm_s", "update_s", "write_s")
 
 
 def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: float, algorithm: str) -> dict[str, Any]:
+    from ..experiment.run_dir import RunDir
     from ..io import TrajectoryReader
 
     with tempfile.TemporaryDirectory(prefix="reled_bench_dist_") as tmp:
@@ -44,7 +45,7 @@ def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: fl
         total = time.perf_counter() - t0
         if res.returncode != 0:
             raise RuntimeError(f"benchmark run failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
-        with TrajectoryReader(Path(tmp) / "bench" / "trajectories.h5") as r:
+        with TrajectoryReader(RunDir(Path(tmp) / "bench").dump) as r:
             m = r.metrics()
     steady = slice(1, None) if len(m["iteration"]) > 1 else slice(0, None)
     wall = np.diff(np.r_[0.0, m["wall_s"]])[steady]
