@@ -22,6 +22,9 @@ REFERENCE_POLICIES = ("random", "shortest_path", "fastest_path")
 
 
 class Actor(Protocol):
+    """An actor whose class sets `observes = False` reads neither obs nor gstate (only the mask and
+    the env): `actions` then skips building them, the bulk of a reference policy's cost per step."""
+
     def __call__(
         self, obs: np.ndarray, mask: np.ndarray, gstate: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -41,14 +44,18 @@ def actions(actor: Actor, env: NavigationEnv, obs: dict[str, np.ndarray],
     ids = deciding(obs, infos)
     if not ids:
         return {}
-    o = np.stack([obs[a] for a in ids])
     m = np.stack([infos[a]["action_mask"] for a in ids])
-    acts, _, _ = actor(o, m, env.global_state())
+    if getattr(actor, "observes", True):
+        acts, _, _ = actor(np.stack([obs[a] for a in ids]), m, env.global_state())
+    else:
+        acts, _, _ = actor(np.empty((len(ids), 0), np.float32), m, np.empty(0, np.float32))
     return {a: int(x) for a, x in zip(ids, acts, strict=True)}
 
 
 class ReferenceActor:
     """An Actor that picks each deciding agent's candidate with `choose(env, agent_id, mask)`."""
+
+    observes = False
 
     def __init__(self, env: NavigationEnv, choose: Callable[[NavigationEnv, str, np.ndarray], int]) -> None:
         self.env = env
@@ -56,10 +63,10 @@ class ReferenceActor:
 
     def __call__(self, obs: np.ndarray, mask: np.ndarray, gstate: np.ndarray):
         ids = self.env.deciding_agents
-        if len(ids) != len(obs):
+        if len(ids) != len(mask):
             raise RuntimeError("reference actor out of step with the env")
         acts = np.array([self.choose(self.env, a, mask[i]) for i, a in enumerate(ids)], dtype=np.int64)
-        return acts, np.zeros(len(obs), np.float32), np.zeros(len(obs), np.float32)
+        return acts, np.zeros(len(mask), np.float32), np.zeros(len(mask), np.float32)
 
 
 def make_policy(name: str, env: NavigationEnv, seed: int = 0) -> Actor:
