@@ -1,1 +1,3 @@
-"""Expert demonstrations for HPO: the ExpertSource interface, oracle experts, (later) SED."""
+"""Expert demonstrations for HPO: the ExpertSource interface (base), oracle experts (oracle), SED's
+LLM expert (llm_expert: prompts, sandbox, navigation API, RVI/PDI indices) and the per-scenario
+demonstration cache (cache)."""
