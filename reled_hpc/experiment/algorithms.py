@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..learn.base import Learner
 
 LEARNER_SECTIONS = ("ppo", "qmix")  # config sections that configure a learner
 EXPERT_KEYS = ("hpo.expert", "hpo.kappa", "hpo.dtw_radius", "hpo.oracle_policy")  # HPO's; not hpo.scenario_period
@@ -26,7 +27,7 @@ class Algorithm:
     learner_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the learner
     description: str = ""
 
-    def make_learner(self, cfg: Any, global_dim: int) -> Any:
+    def make_learner(self, cfg: Any, global_dim: int) -> Learner:
         """The learner of a TrainConfig `cfg`, built from its section."""
         section = getattr(cfg, self.section)
         return self.learner()(cfg.env.a_max, global_dim, section, seed=cfg.seed, **self.learner_options)

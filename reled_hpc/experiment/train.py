@@ -28,6 +28,7 @@ from ..config import to_dict
 from ..errors import ReledError
 from ..expert.base import ExpertSource
 from ..expert.cache import DemonstrationCache
+from ..learn.base import Learner
 from ..learn.rollout import Batch, collect_episode, concat
 from ..sim.env import NavigationEnv
 from .algorithms import get_algorithm
@@ -84,7 +85,7 @@ class Trainer:
         self.agent_offset = sum(counts[: self.rank])
         self.env = NavigationEnv(dataclasses.replace(cfg.env, n_agents=self.n_agents))
         self.algorithm = get_algorithm(cfg.algorithm)
-        self.learner = self.algorithm.make_learner(cfg, len(NavigationEnv.GLOBAL_FEATURES))
+        self.learner: Learner = self.algorithm.make_learner(cfg, len(NavigationEnv.GLOBAL_FEATURES))
         self._llm_server: Any = None
         self.expert: ExpertSource | None = self._make_expert()
         self._programs: list[dict[str, Any]] = []
