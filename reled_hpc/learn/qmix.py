@@ -384,7 +384,7 @@ class QMIXLearner:
                 for k, v in self._step(self.replay.sample(self.cfg.batch_groups)).items():
                     stats.setdefault(k, []).append(v)
         out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out["value_loss"] = out.get("td_loss", float("nan"))  # train.py logs value_loss
+        out["value_loss"] = out.get("td_loss", float("nan"))  # the metrics row has a value_loss column
         out.update(epsilon=self.epsilon, buffer_decisions=float(self.replay.n_rows),
                    buffer_groups=float(self.replay.n_groups), grad_steps=float(self.grad_steps))  # fmt: skip
         self.iteration += 1
