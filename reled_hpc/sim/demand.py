@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
@@ -19,6 +20,16 @@ from .roadgraph import RoadGraph
 TRAFFIC_RATES = {"none": 0.0, "light": 40.0, "medium": 100.0, "heavy": 180.0}
 MIN_DEPART_EDGE_M = 20.0  # a vehicle (5 m + gap) must fit on its first edge
 JAM_SPACING_M = 7.5  # road length one standing vehicle takes
+
+
+class EnvConfigLike(Protocol):
+    """The env config fields demand reads (sim.env.EnvConfig; env imports this module)."""
+
+    n_agents: int
+    min_trip_m: float
+    depart_window_s: float
+    traffic: str
+    horizon_s: float
 
 
 @dataclass
@@ -84,6 +95,14 @@ def background_trips(
     departs = np.sort(rng.uniform(0.0, horizon_s, size=n))
     min_trip = min(min_trip_m, 0.25 * graph.scale)
     return [Trip(f"bg{j}", float(np.round(t, 1)), *sample_od(graph, rng, min_trip)) for j, t in enumerate(departs)]
+
+
+def scenario_trips(graph: RoadGraph, cfg: EnvConfigLike, seed: int) -> tuple[list[Trip], list[Trip]]:
+    """The (agent trips, background trips) of scenario `seed`: a pure function of the graph, the env
+    config and the seed, so the env, reference policies and equilibrium assignment see the same demand."""
+    rng = np.random.default_rng(seed)
+    agents = agent_trips(graph, cfg.n_agents, rng, cfg.min_trip_m, cfg.depart_window_s)
+    return agents, background_trips(graph, cfg.traffic, cfg.horizon_s, rng)
 
 
 def write_routes(path: Path, graph: RoadGraph, trips: list[Trip], vtype: str = "bg") -> None:

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import require
 from ..errors import EnvError
-from .demand import TRAFFIC_RATES, Trip, agent_trips, background_trips, capacity, check_feasible, write_routes
+from .demand import TRAFFIC_RATES, Trip, capacity, check_feasible, scenario_trips, write_routes
 from .maps import MapBundle, resolve_map
 from .sumo_tools import sumo_home
 
@@ -240,9 +240,7 @@ class NavigationEnv:
         self.episode += 1
         seed = cfg.seed + self.episode if seed is None else int(seed)
         self.seed_used = seed
-        rng = np.random.default_rng(seed)
-        trips = agent_trips(self.graph, cfg.n_agents, rng, cfg.min_trip_m, cfg.depart_window_s)
-        self.bg_trips = background_trips(self.graph, cfg.traffic, cfg.horizon_s, rng)
+        trips, self.bg_trips = scenario_trips(self.graph, cfg, seed)
         route_file = Path(self._workdir.name) / f"bg_{self.episode}.rou.xml"
         write_routes(route_file, self.graph, self.bg_trips)
         self._start(self._sumo_args(route_file, seed))
