@@ -75,6 +75,22 @@ class DistConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The interaction probe (reled_hpc.experiment.probe), for any algorithm."""
+
+    every: int = 0
+    """Probe every this many iterations (0: never); each probe drives 2 extra episodes per rank."""
+    subset_share: float = 0.2
+    """Share of a rank's agents (at least one) that switch to `switch_to` in the probe's second drive, in (0, 1]."""
+    switch_to: Literal["shortest_path", "fastest_path", "random"] = "fastest_path"
+    """Reference policy the probe's subset switches to."""
+
+    def validate(self, where: str = "probe") -> None:
+        require(self.every >= 0, f"{where}.every", f"must be >= 0, got {self.every}")
+        require(0.0 < self.subset_share <= 1.0, f"{where}.subset_share", f"must be in (0, 1], got {self.subset_share}")
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     """Run name: the run folder is runs_dir/name (no '/')."""
@@ -110,6 +126,8 @@ class TrainConfig:
     """SED, the LLM expert's refinement cycle (hpo.expert: llm)."""
     llm: LLMConfig = field(default_factory=LLMConfig)
     """Where SED's LLM runs and how it is asked (hpo.expert: llm)."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """The interaction probe: the other agents' return change and route churn, measured during training."""
     slurm: dict[str, Any] = field(default_factory=dict)
     """SLURM resources of `reled-hpc submit` (keys: reled_hpc.launch.spec.SlurmSpec's fields); training ignores it."""
 

@@ -15,12 +15,13 @@ import numpy as np
 from ..finite import finite_max, finite_sum
 from ..io.schema import ROW_COLUMNS, TRAINER_COLUMNS
 from ..learn.rollout import Batch
+from .probe import PROBE_METRICS
 
 EXTRA_METRICS = (
     "policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "decisions", "bg_mean_travel_time",
     "expert_travel_time", "expert_arrival_rate", "failed_rate", "update_s", "rollout_s", "expert_s",
     "mean_time_censored", "td_loss", "epsilon", "dtw_s", "comm_s", "comm_bytes", "write_s", "ranks", "rss_mb_max",
-    "external_change_max", "sed_cycle", "llm_cache_hits",
+    "external_change_max", "sed_cycle", "llm_cache_hits", "probe_s", *PROBE_METRICS,
 )  # fmt: skip
 
 # SED's figures of a rank's expert episodes in one iteration (sed_stats)
@@ -30,12 +31,12 @@ SED_KEYS = ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s", "external_c
 # a rank's metrics vector, in this order (gathered as one float64 row per rank)
 RANK_METRICS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_travel_time", "mean_time_censored",
                 "failed_rate", "expert_travel_time", "expert_arrival_rate", "env_steps", "decisions", "rollout_s",
-                "expert_s", "dtw_s", "rss_mb", *SED_KEYS)  # fmt: skip
+                "expert_s", "dtw_s", "rss_mb", "probe_s", *SED_KEYS, *PROBE_METRICS)  # fmt: skip
 
 # episode metrics (env.metrics()) averaged over a rank's episodes, then over ranks
 EPISODE_MEANS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_travel_time", "mean_time_censored")
 LEARNER_STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "td_loss", "epsilon")
-TIMING_MAX = ("rollout_s", "expert_s", "dtw_s")  # the slowest rank: the others wait for it at the gather
+TIMING_MAX = ("rollout_s", "expert_s", "dtw_s", "probe_s")  # the slowest rank: the others wait for it at the gather
 
 # agent/ and expert/ row columns that come from a rollout batch (dump_rows adds iteration and rank)
 DUMP_COLUMNS = tuple(c.name for c in ROW_COLUMNS if c.name not in TRAINER_COLUMNS)
@@ -90,7 +91,8 @@ def sed_stats(estats: list[dict[str, Any]], fresh: list[bool] | None = None) -> 
 def rank_metrics(episodes: list[dict[str, Any]], expert_stats: list[dict[str, Any]], fresh: list[bool],
                  timings: Mapping[str, float]) -> np.ndarray:  # fmt: skip
     """A rank's RANK_METRICS vector from its episodes' env.metrics(), its expert episodes' stats and
-    `timings` (env_steps, decisions, rollout_s, expert_s, dtw_s, rss_mb)."""
+    `timings` (env_steps, decisions, rollout_s, expert_s, dtw_s, probe_s, rss_mb, and the probe's
+    metrics: NaN in an iteration without a probe)."""
     vec: dict[str, float] = {}
     for k in EPISODE_MEANS:
         vals = [m[k] for m in episodes if not np.isnan(m[k])]
@@ -130,7 +132,7 @@ def iteration_row(iteration: int, env_steps: int, per_rank: np.ndarray, alpha: n
         "sed_cycle": finite_max(per["sed_cycle"]),  # 1: a SED cycle ran this iteration, 0: demonstrations reused
         "llm_cache_hits": finite_sum(per["llm_cache_hits"]),
         "decisions": float(per["decisions"].sum()),
-        **{k: mean(k) for k in ("expert_travel_time", "expert_arrival_rate", "failed_rate")},
+        **{k: mean(k) for k in ("expert_travel_time", "expert_arrival_rate", "failed_rate", *PROBE_METRICS)},
         **{k: float(per[k].max()) for k in TIMING_MAX},
         **timings,
         "rss_mb_max": float(per["rss_mb"].max()),

@@ -34,8 +34,9 @@ from ..sim.env import NavigationEnv
 from .algorithms import get_algorithm
 from .config import TrainConfig, agent_counts, config_yaml, load_config
 from .metrics import EXTRA_METRICS, dump_rows, iteration_row, program_rows, rank_env_steps, rank_metrics
+from .probe import PROBE_METRICS, InteractionProbe
 from .run_dir import RunDir
-from .seeds import actor_seed, episode_index, expert_seed, scenario_seed
+from .seeds import actor_seed, derive_seed, episode_index, expert_seed, scenario_seed
 
 log = logging.getLogger("reled_hpc.train")
 
@@ -97,6 +98,13 @@ class Trainer:
         if self.root:
             self._init_root(resume)
         self.start_iteration = int(self.comm.bcast_obj(self.start_iteration))
+        pc = cfg.probe
+        self.probe = InteractionProbe(
+            derive_seed("probe", cfg.seed, self.rank),
+            pc.subset_share,
+            pc.switch_to,
+            derive_seed("probe-subset", cfg.seed, self.rank),
+        )
         self.demos: DemonstrationCache | None = None
         if self.expert is not None:
             # policy-dependent demonstrations are kept on disk when a scenario spans iterations (resume)
@@ -258,6 +266,11 @@ class Trainer:
                                       cfg.hpo.dtw_radius)  # fmt: skip
             dtw_s = time.perf_counter() - t2
         t3 = time.perf_counter()
+        probe = dict.fromkeys(PROBE_METRICS, float("nan"))
+        if cfg.probe.every and it % cfg.probe.every == 0:
+            # the probe's episodes are not dumped and use no sampling RNG: training is unchanged
+            probe = self.probe.run(self.env, self.learner.actor(greedy=True), self._gamma(), episode=-1)
+        t4 = time.perf_counter()
         for b in (agent, expert):
             if b is not None:
                 b["agent_id"] = (b["agent_id"] + self.agent_offset).astype(np.int32)
@@ -268,7 +281,9 @@ class Trainer:
             "rollout_s": t1 - t0,
             "expert_s": t3 - t1 - dtw_s,
             "dtw_s": dtw_s,
+            "probe_s": t4 - t3,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            **probe,
         }
         vec = rank_metrics(mets, estats, fresh, timings)
         for st, new in zip(estats, fresh, strict=True):
@@ -337,6 +352,10 @@ class Trainer:
                     self.tb.add_scalar(k, v, it)
             self.tb.flush()
         return metrics
+
+    def _gamma(self) -> float:
+        """The learner's discount, for the probe's return scale."""
+        return float(getattr(self.cfg, self.algorithm.section).gamma)
 
     def _n_weights(self) -> int:
         return len(self.learner.flat_weights())
