@@ -13,12 +13,20 @@ from typing import Any
 import numpy as np
 
 from reled_hpc.errors import DumpError
+from reled_hpc.finite import finite_stat
 
 from .load import Dump, Group, RunData, last_finite
 from .rows import returns_by_iteration, row_stats
 from .stats import FINAL_WINDOW, mean_std, read_programs, seconds_per_iteration, sed_stats, time_to_threshold
 
 FINAL_METRICS = ("mean_travel_time", "arrival_rate", "mean_return")
+# the interaction probe's metrics (reled_hpc.experiment.probe), averaged over a run's probes
+PROBE_METRICS = ("route_churn", "probe_external_tt_change", "probe_external_change")
+
+
+def probe_means(run: RunData) -> dict[str, float]:
+    """Mean of each probe metric over the run's probes (NaN where the run never probed)."""
+    return {k: finite_stat(run.metric(k), np.mean) for k in PROBE_METRICS}
 
 
 # ---------------------------------------------------------------------------- number formatting
@@ -83,8 +91,12 @@ def run_summary(run: RunData, dump: Dump, rows: bool = True, window: int = FINAL
         "final": {"window": min(window, run.n_iterations), **{k: run.final(k, window) for k in FINAL_METRICS}},
         "rows": {g: {"rows": run.rows[g]} for g in ("agent", "expert")} | {"programs": run.rows["programs"]},
         "sed": None,
+        "interaction": None,
         "problems": list(run.problems),
     }
+    probes = int(np.isfinite(run.metric("probe_external_change")).sum())
+    if probes:
+        out["interaction"] = {"probes": probes, **probe_means(run)}
     if rows:
         last = its[-window:].tolist()
         for g in ("agent", "expert"):
@@ -145,6 +157,14 @@ def summary_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
             ("  finished agent episodes", fmt_num(r["episodes_done"])),
             ("  actions taken", shares or "-"),
             ("  invalid actions", fmt_num(r["invalid_actions"])),
+        ]
+    inter = s.get("interaction")
+    if inter:
+        lines += [
+            (f"interaction probe ({inter['probes']} probes, means)", ""),
+            ("  route churn", fmt_pct(inter["route_churn"])),
+            ("  others' travel time change", fmt_pct(inter["probe_external_tt_change"])),
+            ("  others' return change (RVI units)", fmt_num(inter["probe_external_change"], 4)),
         ]
     sed = s["sed"]
     if sed:
@@ -209,6 +229,8 @@ def compare_rows(
         row["env_steps_mean"], _, _ = mean_std([last_finite(r.metrics.get("env_steps")) for r in g.runs])
         row["wall_s_mean"], _, _ = mean_std([last_finite(r.metrics.get("wall_s")) for r in g.runs])
         row["s_per_iteration_mean"], _, _ = mean_std([seconds_per_iteration(r) for r in g.runs])
+        for k in PROBE_METRICS:
+            row[f"{k}_mean"], _, _ = mean_std([probe_means(r)[k] for r in g.runs])
         if threshold is not None:
             hits = [time_to_threshold(r, threshold, window) for r in g.runs]
             row["steps_to_threshold_mean"], row["steps_to_threshold_std"], n = mean_std([h[0] for h in hits])
@@ -274,7 +296,9 @@ CSV_FIELDS = [
     *("label", "algorithm", "reference", "n_seeds", "seeds", "agents"),
     *(f"{k}_{s}" for k in FINAL_METRICS for s in ("mean", "std")),
     *(f"{k}_to_threshold_{s}" for k in ("steps", "wall") for s in ("mean", "std")),
-    *("reached", "iterations_mean", "env_steps_mean", "wall_s_mean", "s_per_iteration_mean", "runs"),
+    *("reached", "iterations_mean", "env_steps_mean", "wall_s_mean", "s_per_iteration_mean"),
+    *(f"{k}_mean" for k in PROBE_METRICS),
+    "runs",
 ]
 
 

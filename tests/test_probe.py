@@ -59,6 +59,15 @@ def test_probe_metrics_in_the_dump_and_training_unchanged(tmp_path, grid):
     assert np.isnan(mb["route_churn"][0]) and np.isfinite(mb["route_churn"][2])
     assert 0.0 <= mb["route_churn"][2] <= 1.0
     assert (mb["probe_s"][probed] > 0).all()
+    from analysis.load import open_dump, run_data
+    from analysis.tables import run_summary
+
+    with open_dump(on_dir / "trajectories.h5") as d:
+        summary = run_summary(run_data(d), d, rows=False)
+    with open_dump(off_dir / "trajectories.h5") as d:
+        assert run_summary(run_data(d), d, rows=False)["interaction"] is None
+    inter = summary["interaction"]
+    assert inter["probes"] == 2 and inter["route_churn"] == pytest.approx(mb["route_churn"][2])
 
 
 def test_probe_config_is_checked(tmp_path):
