@@ -31,6 +31,13 @@ def grid():
     return resolve_map("grid")
 
 
+@pytest.fixture(scope="session")
+def ingolstadt():
+    from reled_hpc.sim.maps import resolve_map
+
+    return resolve_map("ingolstadt")
+
+
 @pytest.fixture
 def cli():
     """Run the real console script in a subprocess; returns CompletedProcess."""
