@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import require
 from ..errors import EnvError
-from .demand import TRAFFIC_RATES, Trip, capacity, check_feasible, scenario_trips, write_routes
+from .demand import TRAFFIC_RATES, DemandConfig, Trip, capacity, check_feasible, scenario_trips, write_routes
 from .maps import MapBundle, resolve_map
 from .sumo_tools import sumo_home
 
@@ -61,7 +61,7 @@ class EnvConfig:
     min_trip_m: float = 500.0
     """Least shortest-path length of an agent's trip, in metres (>= 0)."""
     depart_window_s: float = 60.0
-    """Agents depart uniformly at random in the first this many seconds (>= 0; 0 = all at t = 0)."""
+    """Uniform demand: agents depart uniformly at random in the first this many seconds (>= 0; 0 = all at t = 0)."""
     reward_time_scale_s: float = 60.0
     """Each decision's reward is minus the seconds since the agent's last decision over this (> 0)."""
     arrival_bonus: float = 5.0
@@ -76,6 +76,8 @@ class EnvConfig:
     """Simulated seconds between the fastest_path policy's reads of live edge travel times (> 0)."""
     seed: int = 0
     """Episode k's scenario seed is seed + k when reset() gets none (training passes seeds derived from its own)."""
+    demand: DemandConfig = field(default_factory=DemandConfig)
+    """Agents' trips: uniform over the map, commute between zones, or from a file (docs/demand.md)."""
 
     def validate(self, where: str = "env") -> None:
         require(self.n_agents >= 1, f"{where}.n_agents", f"must be >= 1, got {self.n_agents}")
@@ -88,6 +90,13 @@ class EnvConfig:
         require(self.time_to_teleport_s > 0, f"{where}.time_to_teleport_s", "must be > 0")
         require(self.fastest_refresh_s > 0, f"{where}.fastest_refresh_s", "must be > 0")
         require(self.traffic in TRAFFIC_RATES, f"{where}.traffic", f"unknown level {self.traffic!r}")
+        self.demand.validate(f"{where}.demand")
+        if self.demand.kind == "commute":
+            require(
+                self.demand.peak_window_s < self.horizon_s,
+                f"{where}.demand.peak_window_s",
+                f"must be < {where}.horizon_s ({self.horizon_s}), got {self.demand.peak_window_s}",
+            )
 
     @property
     def obs_dim(self) -> int:
@@ -293,6 +302,8 @@ class NavigationEnv:
     # ---- decisions -----------------------------------------------------------------------------
     def _candidates(self, st: AgentState) -> np.ndarray:
         succ = self.graph.successors(st.plan[-1])
+        # only ways on from which the goal can still be reached (all of them on a strongly connected map)
+        succ = succ[np.isfinite(self.graph.cost_to(st.trip.dest)[succ])]
         if len(succ) > self.config.a_max:  # keep the a_max closest to the goal (documented cap)
             dist = self._dist_after(st, succ)
             succ = succ[np.argsort(dist, kind="stable")[: self.config.a_max]]
