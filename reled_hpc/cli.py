@@ -31,7 +31,7 @@ def _print_table(rows: list[dict[str, Any]], keys: list[str]) -> None:
 
 # ---- map -----------------------------------------------------------------------------------------
 def cmd_map_build(args: argparse.Namespace) -> int:
-    from .sim.maps import build_from_osm, build_grid
+    from .sim.maps import build_from_osm, build_grid, build_map
     from .sim.osm import download_place
 
     out = Path(args.out) if args.out else None
@@ -47,17 +47,40 @@ def cmd_map_build(args: argparse.Namespace) -> int:
             download_place(args.place, xml)
         bundle = build_from_osm(xml, out=out, name=args.name)
     elif args.source:
-        bundle = build_from_osm(args.source, out=out, name=args.name)
+        bundle = build_map(args.source, out=out, name=args.name, scc_only=args.scc_only)
     else:
-        raise ReledError("map build needs an OSM file, --place NAME or --grid N")
+        raise ReledError("map build needs an OSM file, a SUMO network (.net.xml, .edg.xml, folder), --place or --grid")
     m = bundle.manifest
     state = "cached (no work done)" if bundle.cached else f"built in {time.perf_counter() - t0:.1f} s"
     print(f"map {m['name']}: {state}\n  folder: {bundle.folder}")
+    kept = "keeping the largest strongly connected component"
+    if not m.get("strongly_connected", True):
+        kept += f" ({m['core_edges']} edges) and the edges into and out of it"
     print(
-        f"  SUMO edges: {m['sumo_edges']} (of {m['sumo_edges_raw']} before keeping the largest strongly "
-        f"connected component), lane-km: {m['lane_km']}, scale: {m['scale_m']} m"
+        f"  SUMO edges: {m['sumo_edges']} (of {m['sumo_edges_raw']} before {kept}), "
+        f"lane-km: {m['lane_km']}, scale: {m['scale_m']} m"
     )
+    if "dropped" in m:
+        _print_dropped(m["dropped"])
     return 0
+
+
+def _print_dropped(d: dict[str, Any]) -> None:
+    """What netconvert left out of a SUMO input (manifest `dropped`)."""
+    print(f"  netconvert: {d['netconvert']}" + (f" ({' '.join(d['options'])})" if d.get("options") else ""))
+    lost = [f"file {f}" for f in d["files"]]
+    for kind in ("edges", "connections", "traffic_lights"):
+        n, ids = d[kind]["count"], d[kind]["ids"]
+        if n:
+            more = f", ... ({n - 5} more)" if n > 5 else ""
+            lost.append(f"{kind.replace('_', ' ')}: {n} ({', '.join(ids[:5])}{more})")
+    print("  dropped from the input: " + ("; ".join(lost) if lost else "nothing"))
+    if d["messages"]:
+        print("  netconvert said (why a strict build failed, what was tolerated or dropped):")
+    for line in d["messages"][:5]:
+        print(f"    {line}")
+    if len(d["messages"]) > 5:
+        print(f"    ... {len(d['messages']) - 5} more in manifest.json")
 
 
 def cmd_map_info(args: argparse.Namespace) -> int:
@@ -228,23 +251,40 @@ def build_parser() -> argparse.ArgumentParser:
     pm = sub.add_parser("map", help="build and inspect maps").add_subparsers(dest="map_command", required=True)
     b = pm.add_parser(
         "build",
-        help="build a map folder (SUMO net + routing graph) from OSM or a grid",
-        description="Build a map folder. Cached by content: building the same input twice does no work.",
+        help="build a map folder (SUMO net + routing graph) from OSM, a SUMO network or a grid",
+        description="Build a map folder. Cached by content: building the same input twice does no work. "
+        "A folder holding both a .net.xml and plain XML is built from the .net.xml (docs/maps.md).",
     )
-    b.add_argument("source", nargs="?", help="OSM extract (.osm, .osm.xml, .osm.pbf)")
+    b.add_argument(
+        "source",
+        nargs="?",
+        help="OSM extract (.osm, .osm.pbf), SUMO network (.net.xml[.gz]), plain-XML edges (.edg.xml, with its "
+        ".nod/.con/.tll/.typ.xml siblings) or a folder holding a SUMO network",
+    )
     b.add_argument("--place", help="download a place's drive network with osmnx (needs internet)")
     b.add_argument("--grid", type=int, metavar="N", help="a SUMO netgenerate grid of N x N junctions")
     b.add_argument("--grid-length", type=float, default=200.0, help="grid street length (m)")
     b.add_argument("--out", help="output folder (default: the cache, $RELED_HPC_CACHE or ~/.cache/reled_hpc)")
     b.add_argument("--name", help="map name (default: from the file name)")
+    b.add_argument(
+        "--scc-only",
+        action="store_true",
+        help="SUMO input: keep only the largest strongly connected component, dropping the entry and exit "
+        "edges around it (OSM maps always are)",
+    )
     b.set_defaults(func=cmd_map_build)
     i = pm.add_parser("info", help="print a map's manifest")
-    i.add_argument("map", help="'helsinki', 'grid', a map folder or an OSM file")
+    i.add_argument("map", help="'helsinki', 'grid', 'ingolstadt', a map folder, an OSM file or SUMO input")
     i.set_defaults(func=cmd_map_info)
 
-    r = sub.add_parser("run-policy", help="run reference policies (random, shortest_path, fastest_path)")
+    r = sub.add_parser(
+        "run-policy", help="run reference policies (random, shortest_path, fastest_path, free_flow, due)"
+    )
     r.add_argument(
-        "--policy", nargs="+", default=["shortest_path"], choices=["random", "shortest_path", "fastest_path"]
+        "--policy",
+        nargs="+",
+        default=["shortest_path"],
+        choices=["random", "shortest_path", "fastest_path", "free_flow", "due"],
     )
     r.add_argument("--map", default="helsinki")
     r.add_argument("--agents", type=int, default=100)

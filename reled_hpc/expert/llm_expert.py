@@ -23,6 +23,7 @@ from ..learn.rollout import Actor, Batch, collect_episode
 from ..llm import LLMError, LLMUnavailable
 from ..llm.client import Completion, LLMClient, Request
 from ..sim.env import NavigationEnv
+from ..sim.policies import RouteActor
 from .base import PolicyLogProbs
 from .config import SEDConfig
 from .indices import measured_external_change, pdi, plan_preference, rvi, smoothed_expert_policy
@@ -70,55 +71,6 @@ def occupancy_fraction(value: float) -> float:
     if v > 1.0:
         v /= 100.0
     return min(max(v, 0.0), 1.0)
-
-
-class _RouteActor:
-    """Actor that makes agents with an LLM route follow it and everyone else use the fallback policy.
-    `llm_rows[j]` says whether row j (in collect_episode's order) came from an LLM route."""
-
-    def __init__(
-        self, env: NavigationEnv, routes: dict[str, list[int]], fallback: str, policy: PolicyLogProbs | None = None
-    ) -> None:
-        """`policy` set: agents without a route act greedily on it instead of the reference fallback."""
-        self.env = env
-        self.policy = policy
-        self.routes = routes
-        self.fallback = fallback
-        self.deviated: set[str] = set()
-        self.llm_rows: list[bool] = []
-
-    def _route_choice(self, aid: str) -> int | None:
-        route = self.routes.get(aid)
-        if route is None or aid in self.deviated:
-            return None
-        st = self.env.agents_state[aid]
-        k = len(st.plan) - 1  # plan == route[:k+1] while the agent follows its route
-        if k + 1 >= len(route) or route[k] != st.plan[-1]:
-            self.deviated.add(aid)  # exhausted or left the route (e.g. a late decision): fallback from now on
-            return None
-        hits = np.flatnonzero(st.candidates == route[k + 1])
-        if hits.size == 0:  # next edge cut by the a_max cap
-            self.deviated.add(aid)
-            return None
-        return int(hits[0])
-
-    def __call__(self, o: np.ndarray, m: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        env = self.env
-        deciding = env.deciding_agents
-        if len(deciding) != len(o):
-            raise RuntimeError("route actor out of step with the env")
-        acts = np.zeros(len(o), np.int64)
-        greedy = np.argmax(self.policy(o, m), axis=1) if self.policy is not None else None
-        for i, aid in enumerate(deciding):
-            c = self._route_choice(aid)
-            self.llm_rows.append(c is not None)
-            if c is None:
-                if greedy is not None:
-                    c = int(greedy[i])
-                else:
-                    c = env.shortest_choice(aid) if self.fallback == "shortest_path" else env.fastest_choice(aid)
-            acts[i] = c
-        return acts, np.zeros(len(o), np.float32), np.zeros(len(o), np.float32)
 
 
 class LLMExpert:
@@ -313,7 +265,7 @@ class LLMExpert:
         order = list(env.possible_agents)
 
         def returns(routes: dict[str, list[str]]) -> np.ndarray:
-            actor = _RouteActor(env, self._route_index(env, [routes]), self.cfg.fallback, self.policy_log_probs)
+            actor = RouteActor(env, self._route_index(env, [routes]), self.cfg.fallback, self.policy_log_probs)
             collect_episode(env, actor, seed, episode)
             return np.array([env.agents_state[a].ret for a in order])
 
@@ -331,7 +283,7 @@ class LLMExpert:
         self, env: NavigationEnv, seed: int, episode: int, routes: list[dict[str, list[str]]]
     ) -> tuple[Batch, dict[str, Any], list[bool], dict[str, list[int]]]:
         idx = self._route_index(env, routes)
-        actor = _RouteActor(env, idx, self.cfg.fallback)
+        actor = RouteActor(env, idx, self.cfg.fallback)
         act: Actor = actor
         batch, metrics = collect_episode(env, act, seed, episode)
         return batch, metrics, actor.llm_rows, idx

@@ -139,6 +139,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the launch subcommands to the main parser."""
+    from .references import POLICIES  # plain data: light to import
+
     s = sub.add_parser(
         "submit",
         help="submit a training run to SLURM (submitit), optionally with an LLM server job",
@@ -181,7 +183,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="reference policies on a sweep's scenarios -> SWEEP_DIR/references.json (for analyze)",
     )
     rf.add_argument("sweep_dir")
-    rf.add_argument("--policy", nargs="+", default=["shortest_path", "fastest_path", "random"])
+    rf.add_argument("--policy", nargs="+", default=list(POLICIES), help="reference policies (default: %(default)s)")
     rf.add_argument("--last", type=int, default=5, help="scenarios of the runs' last N iterations")
     rf.set_defaults(func=cmd_references)
 

@@ -1,6 +1,7 @@
-"""`reled-hpc references SWEEP_DIR`: the reference policies (shortest_path, fastest_path, random)
-on the very scenarios a sweep's runs face in their last iterations, written to
-SWEEP_DIR/references.json for `reled-hpc analyze compare|curves|report`.
+"""`reled-hpc references SWEEP_DIR`: the reference policies (shortest_path, fastest_path, free_flow,
+due, random; docs/references.md) on the very scenarios a sweep's runs face in their last
+iterations, written to SWEEP_DIR/references.json for `reled-hpc analyze compare|curves|report`.
+`due` runs duaIterate once per scenario (cached on disk; $RELED_HPC_DUE_ITERATIONS steps).
 
 Scenarios depend on the seed, the iteration, the scenario period and the rank, not on the
 algorithm, so tasks that differ only in the algorithm share one reference computation.
@@ -21,7 +22,7 @@ from .sweep import SWEEP_FILE
 log = logging.getLogger("reled_hpc.launch")
 
 REFERENCES_FILE = "references.json"
-POLICIES = ("shortest_path", "fastest_path", "random")
+POLICIES = ("shortest_path", "fastest_path", "free_flow", "due", "random")
 
 
 def _scenario_key(cfg: Any, ranks: int) -> str:

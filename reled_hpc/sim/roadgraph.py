@@ -2,8 +2,9 @@
 
 Routes in SUMO are sequences of SUMO edges, so shortest paths, candidate sets and distances to a
 goal are computed on this edge graph (not on osmnx's OSM graph, whose ways netconvert splits and
-joins). Distances to a destination come from one Dijkstra on the reversed graph (scipy), cached
-per destination, so a query is O(1) after the first.
+joins). Costs to a destination come from one Dijkstra on the reversed graph (scipy), cached per
+destination and metric ("length" in metres, "time": free-flow seconds at the speed limit), so a
+query is O(1) after the first.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
 MIN_WEIGHT = 1e-3  # scipy treats explicit zeros as missing arcs; SUMO has 0.1 m edges
+MIN_SPEED = 0.1  # m/s: a speed limit of 0 would make an edge's free-flow time infinite
+Metric = Literal["length", "time"]
+METRICS: tuple[Metric, ...] = ("length", "time")
 
 
 @dataclass
@@ -43,7 +48,10 @@ class RoadGraph:
         self._rev_ptr = np.zeros(n + 1, dtype=np.int64)
         np.add.at(self._rev_ptr, self._rev_rows + 1, 1)
         self._rev_ptr = np.cumsum(self._rev_ptr)
-        self._dist_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        # free-flow travel time (s): what all-or-nothing assignment and duarouter's empty-network routes minimise
+        self.free_flow_time = self.length / np.maximum(self.speed, MIN_SPEED)
+        self._caches: dict[str, OrderedDict[int, np.ndarray]] = {m: OrderedDict() for m in METRICS}
+        self._dist_cache = self._caches["length"]
         self.out_degree = np.diff(self.succ_ptr)
         pts = np.vstack([self.start_xy, self.end_xy]) if n else np.zeros((1, 2))
         self.bbox = (float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max()))
@@ -60,29 +68,39 @@ class RoadGraph:
         return self.succ_idx[self.succ_ptr[e] : self.succ_ptr[e + 1]]
 
     # ---- distances -------------------------------------------------------------------------
-    def cost_to(self, dest: int, weights: np.ndarray | None = None) -> np.ndarray:
+    def metric_weights(self, metric: Metric) -> np.ndarray:
+        """Edge weights of a named metric: "length" (m) or "time" (free-flow seconds, length / speed limit)."""
+        if metric == "length":
+            return self.length
+        if metric == "time":
+            return self.free_flow_time
+        raise ValueError(f"unknown metric {metric!r} (one of {', '.join(METRICS)})")
+
+    def cost_to(self, dest: int, weights: np.ndarray | None = None, metric: Metric = "length") -> np.ndarray:
         """Cost from the END of every edge to the end of `dest` (sum of the weights of the edges
-        entered on the way, `dest` included). `weights` defaults to edge lengths and is then cached."""
-        if weights is None:
-            hit = self._dist_cache.get(dest)
+        entered on the way, `dest` included). Without `weights` the edges weigh `metric`
+        (see metric_weights), cached per destination."""
+        w = self.metric_weights(metric) if weights is None else weights
+        cache = self._caches[metric] if weights is None else None
+        if cache is not None:
+            hit = cache.get(dest)
             if hit is not None:
-                self._dist_cache.move_to_end(dest)
+                cache.move_to_end(dest)
                 return hit
-        w = self.length if weights is None else weights
         data = np.maximum(w[self._rev_rows], MIN_WEIGHT)
         n = self.n_edges
         mat = csr_matrix((data, self._rev_cols, self._rev_ptr), shape=(n, n))
         dist = dijkstra(mat, directed=True, indices=dest)
-        if weights is None:
-            self._dist_cache[dest] = dist
-            if len(self._dist_cache) > 4096:  # bounded: large maps have many destinations
-                self._dist_cache.popitem(last=False)
+        if cache is not None:
+            cache[dest] = dist
+            if len(cache) > 4096:  # bounded: large maps have many destinations
+                cache.popitem(last=False)
         return dist
 
-    def route(self, origin: int, dest: int, weights: np.ndarray | None = None) -> list[int]:
-        """Cheapest edge sequence from `origin` to `dest` (both included)."""
-        w = self.length if weights is None else weights
-        dist = self.cost_to(dest, weights)
+    def route(self, origin: int, dest: int, weights: np.ndarray | None = None, metric: Metric = "length") -> list[int]:
+        """Cheapest edge sequence from `origin` to `dest` (both included), by `weights` or else `metric`."""
+        w = self.metric_weights(metric) if weights is None else weights
+        dist = self.cost_to(dest, weights, metric)
         if not np.isfinite(dist[origin]):
             raise ValueError(f"edge {self.edge_ids[dest]} is unreachable from {self.edge_ids[origin]}")
         path = [origin]
