@@ -231,7 +231,9 @@ def test_bad_config_and_impossible_resources_are_refused_before_queueing(slurm_c
 def test_sbatch_train_template_runs_and_requeues_as_written(slurm_cluster, tmp_path):
     cfg = tmp_path / "tiny.yaml"
     data = yaml.safe_load((REPO / "configs/ippo.yaml").read_text())
-    data.update(iterations=6, checkpoint_every=1, seed=1)
+    # enough iterations that the signal (sent once 2 are committed) lands mid-run even on a loaded
+    # machine: with 6, a busy runner once finished them all before the signal arrived
+    data.update(iterations=20, checkpoint_every=1, seed=1)
     data.setdefault("env", {}).update(horizon_s=150, n_agents=3)
     cfg.write_text(yaml.safe_dump(data))
     env = f"ALL,CONFIG={cfg},RUNS_DIR={tmp_path / 'runs'},RUN_NAME=tpl,RELED={RELED}"
@@ -248,7 +250,7 @@ def test_sbatch_train_template_runs_and_requeues_as_written(slurm_cluster, tmp_p
     out = (tmp_path / f"slurm-reled-train-{job}.out").read_text()
     assert "requeueing job" in out and "(restart 1)" in out, out
     assert "stopped by SIGTERM" in (run / "train.log").read_text()  # the ranks checkpointed, not killed
-    assert list(_iterations(run)) == list(range(6))
+    assert list(_iterations(run)) == list(range(20))
 
 
 @pytest.mark.slurm
