@@ -265,3 +265,20 @@ def test_sed_metrics_of_a_reused_demonstration_are_nan():
     assert all(np.isnan(again[k]) for k in ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s"))
     oracle = sed_stats([{"expert_travel_time": 100.0}], [True])
     assert all(np.isnan(v) for v in oracle.values())
+
+
+# ---- a bring-your-own scenario: URB's Ingolstadt with its own demand ------------------------------------
+def test_ingolstadt_with_its_own_demand_trains_ippo(tmp_path, ingolstadt):
+    from reled_hpc.sim.maps import shipped_dir
+
+    demand = {"kind": "file", "file": str(shipped_dir("ingolstadt") / "agents.csv"), "agents": "sample",
+              "background": "generated"}  # fmt: skip
+    env = {"map": "ingolstadt", "n_agents": 12, "traffic": "light", "horizon_s": 900.0, "demand": demand}
+    d = _cfg_dict(tmp_path, "ippo", iterations=2, env=env, episodes_per_iteration=1)
+    run_dir, last = train(_write_cfg(tmp_path, d))
+    assert last is not None and int(last["iteration"]) == 1
+    with TrajectoryReader(run_dir / "trajectories.h5") as r:
+        assert list(r.iterations()) == [0, 1]
+        assert r.config["env"]["demand"]["kind"] == "file"
+        rows = r.read("agent", columns=["agent_id", "iteration"])
+    assert set(np.unique(rows["agent_id"])) <= set(range(12)) and len(rows["agent_id"]) > 12

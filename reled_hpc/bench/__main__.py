@@ -1,4 +1,4 @@
-"""`python -m reled_hpc.bench {env,learner,dist,llm} [options] --json`: print one JSON object per run."""
+"""`python -m reled_hpc.bench {env,learner,dist,llm,scenario} [options] --json`: print one JSON object per run."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from . import dist as dist_bench
 from . import env as env_bench
 from . import learner as learner_bench
 from . import llm as llm_bench
+from . import scenario as scenario_bench
 
-BENCHES = {"env": env_bench, "learner": learner_bench, "dist": dist_bench, "llm": llm_bench}
+BENCHES = {"env": env_bench, "learner": learner_bench, "dist": dist_bench, "llm": llm_bench, "scenario": scenario_bench}
 
 
 def _strict(obj):
