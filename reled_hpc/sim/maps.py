@@ -256,6 +256,17 @@ def _tmp_for(folder: Path) -> Path:
     return tmp
 
 
+def _built(name: str, key: str, out: Path | None) -> tuple[Path, MapBundle | None]:
+    """The output folder of a build, and its map if that build is there already (the cache hit)."""
+    folder = Path(out) if out else cache_dir() / "maps" / f"{name}-{key}"
+    if not (folder / "manifest.json").exists():
+        return folder, None
+    bundle = MapBundle.load(folder, cached=True)
+    if bundle.manifest.get("build_key") != key:
+        raise MapError(f"output folder {folder} holds a different map (build key {bundle.manifest.get('build_key')})")
+    return folder, bundle
+
+
 def build_from_osm(src: Path | str, out: Path | None = None, name: str | None = None) -> MapBundle:
     """Build (or fetch from cache) the map folder of an OSM extract."""
     from .osm import check_source, clean_extract, osmnx_graph
@@ -265,12 +276,9 @@ def build_from_osm(src: Path | str, out: Path | None = None, name: str | None = 
     digest = _sha256(src)
     key = _build_key("osm", digest, NETCONVERT_OSM_ARGS)
     name = name or src.name.split(".")[0]
-    folder = Path(out) if out else cache_dir() / "maps" / f"{name}-{key}"
-    if (folder / "manifest.json").exists():
-        bundle = MapBundle.load(folder, cached=True)
-        if bundle.manifest.get("build_key") == key:
-            return bundle
-        raise MapError(f"output folder {folder} holds a different map (build key {bundle.manifest.get('build_key')})")
+    folder, bundle = _built(name, key, out)
+    if bundle is not None:
+        return bundle
 
     t0 = time.perf_counter()
     tmp = _tmp_for(folder)
@@ -526,12 +534,9 @@ def build_from_sumo(
     plain = PLAIN_LADDER if source.kind == "plain" else None
     key = _build_key("sumo", source.kind, digest, plain, "core" if scc_only else "core+fringe")
     name = name or source.stem
-    folder = Path(out) if out else cache_dir() / "maps" / f"{name}-{key}"
-    if (folder / "manifest.json").exists():
-        bundle = MapBundle.load(folder, cached=True)
-        if bundle.manifest.get("build_key") == key:
-            return bundle
-        raise MapError(f"output folder {folder} holds a different map (build key {bundle.manifest.get('build_key')})")
+    folder, bundle = _built(name, key, out)
+    if bundle is not None:
+        return bundle
 
     t0 = time.perf_counter()
     tmp = _tmp_for(folder)
