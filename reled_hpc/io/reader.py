@@ -225,7 +225,10 @@ class TrajectoryReader:
     def _check_layout(self) -> None:
         """File attributes, schema version, groups and datasets (sets the attribute-derived fields)."""
         f = self._f
-        attrs = {k: f.attrs[k] for k in f.attrs}
+        try:
+            attrs = {k: f.attrs[k] for k in f.attrs}
+        except (OSError, RuntimeError, KeyError) as exc:  # a damaged global heap holds the string attributes
+            raise self._err(self._unreadable.format(f"file attributes: {type(exc).__name__}: {exc}")) from exc
         for key in S.FILE_ATTRS:
             if key not in attrs:
                 raise self._err(f"file attribute {key!r} is missing; not a reled-hpc dump?")

@@ -10,6 +10,7 @@ through `PaddedFile`, never through SWMR (see there).
 from __future__ import annotations
 
 import io
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ import numpy as np
 from . import schema as S
 from .reader import Superblock, TrajectoryReader, first_row_after
 
-__all__ = ["PaddedFile", "SalvageReader", "cut_short"]
+__all__ = ["PaddedFile", "SalvageReader", "cut_short", "global_heap_problems"]
+
+GCOL_SIGNATURE = b"GCOL\x01\x00\x00\x00"  # a global heap collection, version 1 (reserved bytes zero)
+_GCOL_HDR = 16  # signature, version, reserved, collection size (8-byte lengths; the only size h5py writes)
 
 
 def cut_short(path: str | Path) -> str | None:
@@ -39,6 +43,53 @@ def cut_short(path: str | Path) -> str | None:
     return f"the file is {size:,} bytes, its superblock records {end:,} (cut short, or its writer was killed)"
 
 
+def _heap_problem(image: bytes) -> str | None:
+    """Why HDF5 would not finish parsing this global heap collection image, None if it would.
+
+    HDF5 (up to 2.0 at least) walks a collection's objects with `p = begin + need`, where a free-space
+    object (index 0) needs its own size: an index-0 object of size 0, i.e. zeros (bytes past a cut, a
+    zeroed block), never advances and the reader spins forever. The global heap has no checksum, so
+    nothing else stops it. Objects running past the collection's end are refused too (pointer overflow).
+    """
+    end = len(image)
+    p = _GCOL_HDR
+    while p + _GCOL_HDR <= end:  # a shorter tail is free space to HDF5
+        idx = int.from_bytes(image[p : p + 2], "little")
+        size = int.from_bytes(image[p + 8 : p + 16], "little")
+        need = _GCOL_HDR + (size + 7) // 8 * 8 if idx else size
+        if need == 0:
+            return f"an empty free-space record at offset {p} (zeros) would make HDF5 loop forever"
+        if need > end - p:
+            return f"object {idx} at offset {p} claims {size:,} bytes, past the collection's end"
+        p += need
+    return None
+
+
+def global_heap_problems(view: PaddedFile, real_size: int, virtual_size: int) -> list[tuple[int, int, str]]:
+    """(start, stop, why) of every global heap collection in the file that HDF5 could not parse in bounded
+    time; `view` shows the file as HDF5 will see it, the collections are found by signature in its first
+    `real_size` bytes. One whose recorded size does not fit the file is refused by its header alone (every
+    read of a collection starts there), so that damage does not spread to the metadata after it."""
+    if real_size == 0:
+        return []
+    bad: list[tuple[int, int, str]] = []
+    with mmap.mmap(view.fileno(), real_size, access=mmap.ACCESS_READ) as mm:
+        at = mm.find(GCOL_SIGNATURE)
+        while at >= 0:
+            view.seek(at)
+            head = view.read(_GCOL_HDR) or b""
+            size = int.from_bytes(head[8:16], "little") if len(head) == _GCOL_HDR else 0
+            if size < 2 * _GCOL_HDR or at + size > virtual_size:
+                bad.append((at, at + _GCOL_HDR, f"its recorded size {size:,} does not fit the file"))
+            else:
+                view.seek(at)
+                why = _heap_problem(view.read(size) or b"")
+                if why:
+                    bad.append((at, at + size, why))
+            at = mm.find(GCOL_SIGNATURE, at + 1)
+    return bad
+
+
 class PaddedFile(io.RawIOBase):
     """A read-only view of a cut file as long as its superblock says it should be, zeros past the end.
 
@@ -47,6 +98,10 @@ class PaddedFile(io.RawIOBase):
     anything past the cut hangs for minutes; through this view a plain read-only open sees the
     missing bytes as zeros and fails at once (checksums, filters). A killed writer's "open for
     write" superblock flags are shown cleared, as h5clear would, without touching the file.
+
+    The one metadata HDF5 reads without a checksum, the global heap (variable-length strings: the
+    file attributes, program texts), can make it loop forever on zeros; every collection is checked
+    when the view opens and reading a bad one raises OSError (h5py hands it on) instead.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -58,6 +113,11 @@ class PaddedFile(io.RawIOBase):
         self.virtual_size = max(self.size, sb.expected_size if sb else 0)
         if sb is not None and sb.flags:
             self._head = sb.rewritten(flags=0, eoa=sb.eoa)
+        self._bad: list[tuple[int, int, str]] = []
+        self._bad = global_heap_problems(self, self.size, self.virtual_size)
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
 
     def readable(self) -> bool:
         return True
@@ -76,6 +136,9 @@ class PaddedFile(io.RawIOBase):
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
         n = max(0, min(len(view), self.virtual_size - self._pos))
+        for start, stop, why in self._bad:
+            if self._pos < stop and self._pos + n > start:
+                raise OSError(f"the global heap collection at byte {start:,} is damaged: {why}")
         self._fh.seek(self._pos)
         got = self._fh.readinto(view[:n]) or 0
         view[got:n] = bytes(n - got)  # past the cut: zeros

@@ -10,7 +10,11 @@ tested) instead of the SDK's hidden one. See docs/llm.md.
   queues them) and returns the answers in order.
 - Retries with exponential backoff (and jitter, so ranks do not retry in lockstep) on connection
   errors, timeouts, 5xx, 408 and 429; other 4xx fail at once with the server's message.
-- When the endpoint stays down: `LLMUnavailable` naming the endpoint, attempts, time and last error.
+- When the endpoint stays down: `LLMUnavailable` naming the endpoint, attempts, time and last error;
+  `LLMTimeout` (a subclass) when the last attempt ran out of time.
+- `timeout_s` is a deadline over one whole attempt (connect, request, every byte of the answer), not a
+  socket timeout, which a server sending a byte now and then would reset forever; a watchdog thread
+  closes the socket when it passes, and logs while an answer takes long.
 - Token/latency totals per client: `stats()`.
 """
 
@@ -21,10 +25,10 @@ import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +41,11 @@ from .structured import Messages, StructuredAdapter, StructuredResult, get_adapt
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({408, 429})  # plus every 5xx
+WAIT_LOG_S = 30.0  # a line in the log this often while one answer is awaited
+
+
+class LLMTimeout(LLMUnavailable):
+    """The endpoint did not give a whole answer within `timeout_s` on the last of its attempts."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,9 @@ class _Stats:
 
 
 class _Retryable(Exception):
-    pass
+    def __init__(self, message: str, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
 
 
 class LLMClient:
@@ -103,7 +114,8 @@ class LLMClient:
         api_key: str | None = None,
     ):
         """endpoint: base URL ending in /v1 (e.g. http://gpu01:8000/v1). timeout_s bounds one HTTP
-        attempt, including time queued on the server. structured: 'vllm', 'llama_cpp'/'embedded',
+        attempt as a whole (connect, time queued on the server, the entire answer); the retries bound the
+        total at (max_retries + 1) * timeout_s plus the backoff sleeps. structured: 'vllm', 'llama_cpp'/'embedded',
         'none' or an adapter. The api key defaults to $OPENAI_API_KEY (vLLM --api-key); none is sent
         otherwise."""
         self.endpoint = endpoint.rstrip("/")
@@ -118,8 +130,6 @@ class LLMClient:
         self._api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self._gate = threading.BoundedSemaphore(self.max_concurrency)
         self._stats = _Stats()
-        # no proxies: cluster and loopback endpoints must not go through an http_proxy from the environment
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __repr__(self) -> str:
         return f"LLMClient({self.endpoint!r}, model={self.model!r}, structured={self.adapter.name!r})"
@@ -281,7 +291,7 @@ class LLMClient:
     def _request_with_retries(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[dict[str, Any], int]:
         url = self.endpoint + path
         t0 = time.monotonic()
-        last = ""
+        last, timed_out = "", False
         for attempt in range(self.max_retries + 1):
             if attempt:
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
@@ -293,37 +303,76 @@ class LLMClient:
                 with self._gate:
                     return self._request_once(method, url, body), attempt + 1
             except _Retryable as exc:
-                last = str(exc)
+                last, timed_out = str(exc), exc.timeout
         with self._stats.lock:
             self._stats.failures += 1
-        raise LLMUnavailable(
+        raise (LLMTimeout if timed_out else LLMUnavailable)(
             f"LLM endpoint {self.endpoint} unavailable: {self.max_retries + 1} attempts over "
             f"{time.monotonic() - t0:.1f} s failed; last error: {last}. Is the server running "
             "(reled-hpc serve-llm, or the vLLM job) and is the endpoint file current?"
         )
 
     def _request_once(self, method: str, url: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """One HTTP attempt under a deadline of timeout_s over all of it. http.client directly (never a
+        proxy: cluster and loopback endpoints must not go through an http_proxy from the environment), so
+        the watchdog can reach the socket; urllib hides it until the headers are in."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        parts = urllib.parse.urlsplit(url)
+        conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(parts.hostname or "", parts.port, timeout=self.timeout_s)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        done, expired = threading.Event(), threading.Event()
+        t0 = time.monotonic()
+        deadline = t0 + self.timeout_s
+
+        def watch() -> None:
+            while not done.wait(max(0.0, min(WAIT_LOG_S, deadline - time.monotonic()))):
+                if time.monotonic() < deadline:
+                    log.info("waiting for the LLM at %s: %.0f s (deadline %g s)", url, time.monotonic() - t0,
+                             self.timeout_s)  # fmt: skip
+                    continue
+                expired.set()
+                while not done.is_set():  # again until the attempt ends: the socket may not exist yet
+                    _shut(conn)
+                    done.wait(0.05)
+
+        threading.Thread(target=watch, name="llm-deadline", daemon=True).start()
         try:
-            with self._opener.open(req, timeout=self.timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = _error_detail(exc)
-            if exc.code >= 500 or exc.code in RETRY_STATUS:
-                raise _Retryable(f"HTTP {exc.code}: {detail}") from None
+            conn.request(method, target, body=data, headers=headers)
+            resp = conn.getresponse()
+            chunks = []
+            while chunk := resp.read1(65536):  # returns per arrival, so a trickle meets the deadline check
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+            raw, status, reason = b"".join(chunks), resp.status, resp.reason
+            if expired.is_set():  # the watchdog's shutdown reads as an end of file
+                raise TimeoutError
+            if resp.length:  # the server closed before the Content-Length it announced (read() raises this too)
+                raise http.client.IncompleteRead(raw, resp.length)
+        except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
+            if expired.is_set() or time.monotonic() >= deadline:
+                raise _Retryable(
+                    f"timed out: no whole answer within the {self.timeout_s:g} s deadline (connect and entire "
+                    "response)",
+                    timeout=True,
+                ) from None
+            raise _Retryable(f"{type(exc).__name__}: {exc or 'timed out'}") from None
+        finally:
+            done.set()
+            conn.close()
+        if status >= 400:
+            detail = _error_detail(raw, reason)
+            if status >= 500 or status in RETRY_STATUS:
+                raise _Retryable(f"HTTP {status}: {detail}")
             with self._stats.lock:
                 self._stats.failures += 1
             raise LLMRequestError(
-                f"{url} rejected the request with HTTP {exc.code} (not retried): {detail}", status=exc.code
-            ) from None
-        except urllib.error.URLError as exc:  # connection refused, DNS, timeout while connecting
-            raise _Retryable(f"{type(exc.reason).__name__}: {exc.reason}") from None
-        except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc or 'timed out'}") from None
+                f"{url} rejected the request with HTTP {status} (not retried): {detail}", status=status
+            )
         try:
             out = json.loads(raw)
         except ValueError:
@@ -333,14 +382,21 @@ class LLMClient:
         return out
 
 
-def _error_detail(exc: urllib.error.HTTPError) -> str:
+def _shut(conn: http.client.HTTPConnection) -> None:
+    """Wake whatever thread waits on the connection's socket (shutdown, unlike close, interrupts a recv)."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _error_detail(raw: bytes, reason: str) -> str:
     """The server's own message (OpenAI error JSON, FastAPI detail) rather than just the status."""
+    text = raw.decode("utf-8", "replace")
     try:
-        raw = exc.read().decode("utf-8", "replace")
-    except Exception:
-        return exc.reason or ""
-    try:
-        data = json.loads(raw)
+        data = json.loads(text)
         if isinstance(data, dict):
             err = data.get("error", data.get("detail", data))
             if isinstance(err, dict):
@@ -348,4 +404,4 @@ def _error_detail(exc: urllib.error.HTTPError) -> str:
             return str(err)[:500]
     except ValueError:
         pass
-    return raw[:500] or str(exc.reason)
+    return text[:500] or reason

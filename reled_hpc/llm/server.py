@@ -106,18 +106,23 @@ def _optional(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def wait_for_endpoint(
-    run_dir_or_file: str | os.PathLike[str], timeout_s: float = 900.0, poll_s: float = 1.0
+    run_dir_or_file: str | os.PathLike[str], timeout_s: float = 900.0, poll_s: float = 1.0, log_every_s: float = 30.0
 ) -> Endpoint:
-    """Wait until the endpoint file exists and its server answers; for clients (the training job)."""
+    """Wait until the endpoint file exists and its server answers; for clients (the training job).
+
+    Logs what it waits for every `log_every_s`; after `timeout_s`, LLMUnavailable naming the file, the
+    wait and the last state. Each readiness probe is bounded by what is left of the wait, also against a
+    server that answers a byte at a time (urllib's socket timeout restarts at every byte)."""
     target = Path(run_dir_or_file)
     path = target / ENDPOINT_FILE if target.is_dir() or not target.suffix else target
-    deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
     state = f"no endpoint file {path} yet"
-    next_log = time.monotonic() + 10
+    next_log = t0 + log_every_s
     while True:
         try:
             ep = read_endpoint_file(path)
-            if ep.is_ready():
+            if _ready_within(ep, min(2.0, max(0.1, deadline - time.monotonic()))):
                 return ep
             state = f"{path} names {ep.base_url} ({ep.backend}) but {ep.ready_url} does not answer"
         except FileNotFoundError:
@@ -126,11 +131,24 @@ def wait_for_endpoint(
             state = str(exc)
         now = time.monotonic()
         if now >= deadline:
-            raise LLMUnavailable(f"LLM endpoint not ready after {timeout_s:.0f} s: {state}")
+            raise LLMUnavailable(
+                f"LLM endpoint file {path} not ready after waiting {now - t0:.0f} s (limit {timeout_s:g} s, "
+                f"llm.wait_s): {state}. Start the server (reled-hpc serve-llm, or the vLLM job) writing that "
+                "file, or point llm.endpoint at a running server's URL"
+            )
         if now >= next_log:
-            log.info("waiting for the LLM endpoint: %s", state)
-            next_log = now + 30
+            log.info("waiting for the LLM endpoint file %s: %.0f s of %g s; %s", path, now - t0, timeout_s, state)
+            next_log = now + log_every_s
         time.sleep(min(poll_s, max(0.0, deadline - now)))
+
+
+def _ready_within(ep: Endpoint, timeout_s: float) -> bool:
+    """ep.is_ready(), given up after `timeout_s` (in a daemon thread: a stuck probe is left behind)."""
+    out: list[bool] = []
+    probe = threading.Thread(target=lambda: out.append(ep.is_ready(timeout_s)), name="llm-ready", daemon=True)
+    probe.start()
+    probe.join(timeout_s)
+    return bool(out and out[0])
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
