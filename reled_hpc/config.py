@@ -1,7 +1,10 @@
 """Typed configuration: dataclasses filled from YAML/dicts with strict checking.
 
 An unknown key, a wrong type or an impossible value raises ConfigError naming the file and the
-dotted key, before any work starts.
+dotted key, before any work starts. Values that would pass and crash later are caught here too: every
+float must be finite (NaN and +-inf are rejected for every field; a field that wanted inf would have to
+opt out, none does), every integer must fit 64 bits, a section given as null (`ppo:` with nothing under
+it) is an error rather than the defaults, and so is an empty config file.
 
 Every field carries a docstring, a string literal on the line under it (CleanRL's `Args` habit):
 `field_docs` reads them from the source, `describe_config` lists every dotted key with its type,
@@ -14,6 +17,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -72,11 +76,19 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # numpy, torch and HDF5 take 64-bit integers at most
+            raise ConfigError(f"{where}: {value} does not fit a 64-bit integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            out = float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {value} is beyond the float range") from None
+        if not math.isfinite(out):  # NaN/inf pass every `x > 0` check or none, then poison training
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        return out
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -85,9 +97,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
-    """Build dataclass `cls` from `data`; `where` prefixes error messages (file and key path)."""
+    """Build dataclass `cls` from `data`; `where` prefixes error messages (file and key path). A null
+    section is an error (YAML `ppo:` with nothing under it): omit the key for the defaults."""
     if data is None:
-        data = {}
+        raise ConfigError(f"{where}: is null (a key with nothing under it); give a mapping of keys, or omit it "
+                          "for the defaults")  # fmt: skip
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -118,8 +132,8 @@ def load_yaml(path: Path | str) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
+    if data is None:  # an empty file would silently mean every default
+        raise ConfigError(f"{path}: the config file is empty (give at least one key, e.g. name: my-run)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return data

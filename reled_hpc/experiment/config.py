@@ -68,10 +68,12 @@ class HPOConfig:
 @dataclass
 class DistConfig:
     total_agents: int = 0
-    """> 0: split this many agents over the ranks (env.n_agents is then ignored); 0: env.n_agents per rank."""
+    """> 0: split this many agents (<= 10000000) over the ranks, env.n_agents ignored; 0: env.n_agents per rank."""
 
     def validate(self, where: str = "dist") -> None:
-        require(self.total_agents >= 0, f"{where}.total_agents", "must be >= 0")
+        # generous: 100 ranks of env.n_agents' own bound; a larger value is a typo that would fail mid-run
+        require(0 <= self.total_agents <= 10_000_000, f"{where}.total_agents",
+                f"must be in [0, 10000000], got {self.total_agents}")  # fmt: skip
 
 
 @dataclass
@@ -168,8 +170,10 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) ->
     for key, value in (overrides or {}).items():
         node = data
         parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # e.g. `ppo:` left null in the file and --set ppo.lr=...
+                raise ConfigError(f"{path}: {'.'.join(parts[: i + 1])} is not a mapping, cannot set {key}")
         node[parts[-1]] = value
     return from_dict(TrainConfig, data, str(path))
 

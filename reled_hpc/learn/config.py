@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 from ..config import require
 
+MAX_LR = 1.0  # Adam steps of this size already wreck a network: larger rates are typos (1e300 overflows)
+MAX_WIDTH = 4096  # network widths beyond this do not fit memory for any batch (1e9 would be a typo)
+
 
 @dataclass
 class PPOConfig:
     lr: float = 3e-4
-    """Adam learning rate (> 0)."""
+    """Adam learning rate, in (0, 1]."""
     gamma: float = 0.99
     """Discount per decision of an agent, in (0, 1] (rewards already charge the elapsed time)."""
     lam: float = 0.95
@@ -30,22 +33,22 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     """Gradients are clipped to this global norm."""
     hidden: int = 64
-    """Width of the pointer network's layers (>= 4)."""
+    """Width of the pointer network's layers, in [4, 4096]."""
 
     def validate(self, where: str = "ppo") -> None:
-        require(self.lr > 0, f"{where}.lr", "must be > 0")
+        require(0 < self.lr <= MAX_LR, f"{where}.lr", f"must be in (0, {MAX_LR}], got {self.lr}")
         require(0 < self.gamma <= 1, f"{where}.gamma", "must be in (0, 1]")
         require(0 <= self.lam <= 1, f"{where}.lam", "must be in [0, 1]")
         require(0 < self.clip < 1, f"{where}.clip", "must be in (0, 1)")
         require(self.epochs >= 1, f"{where}.epochs", "must be >= 1")
         require(self.minibatch >= 1, f"{where}.minibatch", "must be >= 1")
-        require(self.hidden >= 4, f"{where}.hidden", "must be >= 4")
+        require(4 <= self.hidden <= MAX_WIDTH, f"{where}.hidden", f"must be in [4, {MAX_WIDTH}], got {self.hidden}")
 
 
 @dataclass
 class QMIXConfig:
     lr: float = 5e-4
-    """Adam learning rate of the Q network and mixer (> 0)."""
+    """Adam learning rate of the Q network and mixer, in (0, 1]."""
     gamma: float = 0.99
     """Discount per group transition, in (0, 1] (one gamma per step, not gamma^dt: rewards charge the time)."""
     buffer_decisions: int = 200_000
@@ -63,11 +66,11 @@ class QMIXConfig:
     eps_decay_iterations: int = 50
     """Iterations of the linear epsilon decay (>= 0; 0 = eps_end from the start)."""
     hidden: int = 64
-    """Width of the per-agent Q network's layers (>= 4)."""
+    """Width of the per-agent Q network's layers, in [4, 4096]."""
     mixer_embed: int = 32
-    """Mixer's embedding size (>= 1)."""
+    """Mixer's embedding size, in [1, 4096]."""
     mixer_hidden: int = 64
-    """Hidden width of the mixer's hypernetworks (>= 1)."""
+    """Hidden width of the mixer's hypernetworks, in [1, 4096]."""
     double_q: bool = True
     """Double Q-learning: the online network picks the next action, the target network values it."""
     max_grad_norm: float = 10.0
@@ -76,7 +79,7 @@ class QMIXConfig:
     """Checkpoints hold the replay contents; false: only its sampling RNG, a resume starts with an empty replay."""
 
     def validate(self, where: str = "qmix") -> None:
-        require(self.lr > 0, f"{where}.lr", "must be > 0")
+        require(0 < self.lr <= MAX_LR, f"{where}.lr", f"must be in (0, {MAX_LR}], got {self.lr}")
         require(0 < self.gamma <= 1, f"{where}.gamma", "must be in (0, 1]")
         require(self.buffer_decisions >= 1, f"{where}.buffer_decisions", "must be >= 1")
         require(self.batch_groups >= 1, f"{where}.batch_groups", "must be >= 1")
@@ -85,9 +88,10 @@ class QMIXConfig:
         require(0 <= self.eps_end <= 1, f"{where}.eps_end", "must be in [0, 1]")
         require(self.eps_end <= self.eps_start <= 1, f"{where}.eps_start", "must be in [eps_end, 1]")
         require(self.eps_decay_iterations >= 0, f"{where}.eps_decay_iterations", "must be >= 0")
-        require(self.hidden >= 4, f"{where}.hidden", "must be >= 4")
-        require(self.mixer_embed >= 1, f"{where}.mixer_embed", "must be >= 1")
-        require(self.mixer_hidden >= 1, f"{where}.mixer_hidden", "must be >= 1")
+        require(4 <= self.hidden <= MAX_WIDTH, f"{where}.hidden", f"must be in [4, {MAX_WIDTH}], got {self.hidden}")
+        for key in ("mixer_embed", "mixer_hidden"):
+            v = getattr(self, key)
+            require(1 <= v <= MAX_WIDTH, f"{where}.{key}", f"must be in [1, {MAX_WIDTH}], got {v}")
         require(self.max_grad_norm > 0, f"{where}.max_grad_norm", "must be > 0")
 
     def epsilon(self, iteration: int) -> float:

@@ -49,11 +49,11 @@ class EnvConfig:
     map: str = "helsinki"
     """Road network: 'helsinki' (shipped), 'grid', a built map folder or an OSM file (built on first use)."""
     n_agents: int = 20
-    """Learning agents (vehicles) per env, i.e. per rank in training (>= 1); dist.total_agents > 0 overrides it."""
+    """Learning agents (vehicles) per env, i.e. per rank in training, in [1, 100000]; dist.total_agents overrides it."""
     traffic: Literal["none", "light", "medium", "heavy"] = "light"
     """Background traffic: 0, 40, 100 or 180 vehicles per hour per lane-km, the same density on any map."""
     horizon_s: float = 1200.0
-    """Episode length in simulated seconds (> 0); agents still on the road then are truncated."""
+    """Episode length in simulated seconds, in (0, 604800] (7 days); agents still on the road then are truncated."""
     lookahead: int = 3
     """An agent decides while fewer than this many planned edges lie ahead of its edge (>= 1)."""
     a_max: int = 4
@@ -80,8 +80,10 @@ class EnvConfig:
     """Agents' trips: uniform over the map, commute between zones, or from a file (docs/demand.md)."""
 
     def validate(self, where: str = "env") -> None:
-        require(self.n_agents >= 1, f"{where}.n_agents", f"must be >= 1, got {self.n_agents}")
-        require(self.horizon_s > 0, f"{where}.horizon_s", f"must be > 0, got {self.horizon_s}")
+        # generous bounds that catch typos (1e9 agents, a horizon of years) before SUMO or memory fail mid-run
+        require(1 <= self.n_agents <= 100_000, f"{where}.n_agents", f"must be in [1, 100000], got {self.n_agents}")
+        require(0 < self.horizon_s <= 7 * 86400, f"{where}.horizon_s",
+                f"must be in (0, 604800] (7 days), got {self.horizon_s}")  # fmt: skip
         require(self.lookahead >= 1, f"{where}.lookahead", f"must be >= 1, got {self.lookahead}")
         require(self.a_max >= 2, f"{where}.a_max", f"must be >= 2, got {self.a_max}")
         require(self.min_trip_m >= 0, f"{where}.min_trip_m", f"must be >= 0, got {self.min_trip_m}")
