@@ -171,10 +171,7 @@ def cmd_run_policy(args: argparse.Namespace) -> int:
 
 def _launch_ranks(args: argparse.Namespace) -> int:
     """`train --ranks R` outside MPI: run this same command under mpiexec with R ranks."""
-    import os
-    import subprocess
-
-    from .dist.comm import mpiexec_command
+    from .dist.comm import mpiexec_command, run_ranks
 
     argv, rest = [], iter(sys.argv[1:])
     for a in rest:  # the same command line without --ranks R / --ranks=R
@@ -184,7 +181,7 @@ def _launch_ranks(args: argparse.Namespace) -> int:
             argv.append(a)
     cmd = mpiexec_command(args.ranks, argv)
     log.info("launching %d ranks: %s", args.ranks, " ".join(cmd))
-    return subprocess.call(cmd, env=os.environ.copy())
+    return run_ranks(cmd)  # signals reach the ranks; returns once they checkpointed and exited
 
 
 def _print_config_help() -> int:
@@ -393,15 +390,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     refs = {p: reference_travel_time(cfg, p, ranks=args.ranks) for p in ("shortest_path", "random")}
     if args.ranks > 1:
-        import subprocess
-
-        from .dist.comm import launched_with_mpi, mpiexec_command
+        from .dist.comm import launched_with_mpi, mpiexec_command, run_ranks
 
         if launched_with_mpi():
             raise ReledError("run the demo itself without mpiexec: it starts its ranks with --ranks")
         cmd = mpiexec_command(args.ranks, ["train", args.config, "--name", cfg.name])
         print(f"{args.ranks} local MPI ranks: {' '.join(cmd)}")
-        if subprocess.call(cmd) != 0:
+        if run_ranks(cmd) != 0:
             raise ReledError("the demo's training job failed (see the messages above)")
         run = RunDir(Path(cfg.runs_dir) / cfg.name)
     else:

@@ -37,7 +37,9 @@ class SerialComm:
     def bcast_obj(self, obj: Any, root: int = 0) -> Any:
         return obj
 
-    def gather_columns(self, cols: dict[str, np.ndarray], root: int = 0) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
+    def gather_columns(
+        self, cols: dict[str, np.ndarray], root: int = 0
+    ) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
         return cols, np.array([len(next(iter(cols.values())))], np.int64)
 
     def gather_fixed(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
@@ -146,3 +148,47 @@ def mpiexec_command(ranks: int, cli_args: list[str]) -> list[str]:
 
 def get_comm() -> SerialComm | MPIComm:
     return MPIComm() if launched_with_mpi() else SerialComm()
+
+
+# signals the launcher passes on to its ranks; mpich's hydra forwards SIGINT/SIGTERM itself but dies of
+# SIGUSR2 (the pip build does not forward it), and the ranks stop gracefully on SIGTERM only, so a
+# SIGUSR2 (e.g. SLURM's `--signal=USR2@T` warning) is passed on as SIGTERM
+_FORWARD = {"SIGTERM": "SIGTERM", "SIGINT": "SIGINT", "SIGUSR2": "SIGTERM"}
+
+
+def _die_with_parent(launcher: int) -> None:
+    """preexec_fn of mpiexec: a SIGKILLed launcher cannot forward, so the kernel sends mpiexec SIGTERM
+    (which hydra forwards to the ranks: they checkpoint and stop) when the launcher dies."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != launcher:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def run_ranks(cmd: list[str]) -> int:
+    """Run an mpiexec command line, forwarding SIGTERM/SIGINT/SIGUSR2 to it and waiting for the ranks
+    (they finish the iteration and checkpoint). Returns their exit status (128 + signal if killed).
+
+    mpiexec runs in its own session so that a terminal's Ctrl-C reaches it once, through here: hydra
+    takes a second SIGINT as "force abort"."""
+    import functools
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=functools.partial(_die_with_parent, os.getpid()))  # fmt: skip
+
+    def forward(signum: int, frame: Any) -> None:
+        name = _FORWARD[signal.Signals(signum).name]
+        if proc.poll() is None:
+            proc.send_signal(getattr(signal, name))
+
+    old = {sig: signal.signal(getattr(signal, sig), forward) for sig in _FORWARD}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(getattr(signal, sig), handler)
+    return 128 - rc if rc < 0 else rc

@@ -10,10 +10,13 @@ continues with no lost or duplicated iterations.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import io
 import logging
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -171,12 +174,11 @@ class Trainer:
 
         cfg, run = self.cfg, self.folder
         run.checkpoints.mkdir(parents=True, exist_ok=True)
-        run.config.write_text(config_yaml(cfg))
-        ckpt = self.latest_checkpoint() if resume else None
-        if resume and ckpt is None:
-            log.info("no checkpoint in %s: starting from iteration 0", run.checkpoints)
-        if ckpt is not None:
-            state = torch.load(ckpt, weights_only=False)
+        tmp = run.config.with_suffix(".tmp")
+        tmp.write_text(config_yaml(cfg))
+        os.replace(tmp, run.config)  # atomic: --resume never reads half a config
+        ckpt, state = self._resume_checkpoint() if resume else (None, None)
+        if ckpt is not None and state is not None:
             self.learner.load_state_dict(state["learner"])
             torch.set_rng_state(state["torch_rng"])
             self.start_iteration = state["iteration"] + 1
@@ -206,9 +208,75 @@ class Trainer:
         ckpts = sorted(self.folder.checkpoints.glob("ckpt_*.pt"))
         return ckpts[-1] if ckpts else None
 
+    @staticmethod
+    def load_checkpoint(path: Path) -> dict[str, Any]:
+        """A checkpoint's state, checked against its `.sha256` sidecar; ReledError if it is damaged.
+        One without a sidecar (killed between the two writes, or older) must still load as a whole."""
+        data = path.read_bytes()
+        side = path.with_name(path.name + ".sha256")
+        if side.exists():
+            want = (side.read_text().split() or [""])[0]
+            if hashlib.sha256(data).hexdigest() != want:
+                raise ReledError(f"{path}: SHA-256 differs from {side.name} ({len(data)} bytes): damaged")
+        try:
+            state = torch.load(io.BytesIO(data), weights_only=False)
+        except Exception as exc:  # a damaged file fails anywhere in unpickling, with any exception type
+            raise ReledError(f"{path}: not a readable checkpoint ({len(data)} bytes): {exc!r}") from exc
+        if not isinstance(state, dict) or not {"iteration", "learner", "torch_rng"} <= set(state):
+            raise ReledError(f"{path}: not a reled-hpc checkpoint")
+        return state
+
+    @staticmethod
+    def good_checkpoint(folder: Path, max_iteration: int | None = None) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint in `folder` that loads and passes its checksum (at most `max_iteration`),
+        warning about each damaged one skipped; None if there are no checkpoints at all. ReledError naming
+        every file when checkpoints exist but none is good."""
+        ckpts = sorted(folder.glob("ckpt_*.pt"), reverse=True)
+        bad: list[str] = []
+        for path in ckpts:
+            try:
+                state = Trainer.load_checkpoint(path)
+            except (ReledError, OSError) as exc:
+                log.warning("skipping damaged checkpoint %s", exc)
+                bad.append(str(exc))
+                continue
+            if max_iteration is None or int(state["iteration"]) <= max_iteration:
+                return path, state
+            bad.append(f"{path}: iteration {state['iteration']} is past the dump's last committed iteration")
+        if not ckpts:
+            return None
+        raise ReledError(f"no usable checkpoint in {folder}:\n  " + "\n  ".join(bad))
+
+    def _resume_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to resume from, consistent with the dump: never one past the dump's last
+        committed iteration (that would leave a gap), never a start from 0 over committed iterations."""
+        from ..io import TrajectoryReader
+
+        run = self.folder
+        committed: list[int] = []
+        if run.has_dump():
+            with TrajectoryReader(run.dump) as r:
+                committed = [int(i) for i in r.iterations()]
+        last = committed[-1] if committed else -1
+        if committed != list(range(last + 1)):
+            raise ReledError(f"{run.dump}: committed iterations are not 0..{last} without gaps: cannot resume")
+        has_ckpts = any(run.checkpoints.glob("ckpt_*.pt"))
+        if has_ckpts and last < 0:
+            raise ReledError(f"cannot resume {run}: checkpoints exist in {run.checkpoints} but the dump {run.dump} "
+                             "is missing or holds no committed iteration; resuming would leave a gap in the dump. "
+                             "Start a new run, or remove the checkpoints to start this one over")  # fmt: skip
+        found = self.good_checkpoint(run.checkpoints, max_iteration=last)
+        if found is None:
+            if last >= 0:
+                raise ReledError(f"cannot resume {run}: the dump holds committed iterations 0..{last} but there is "
+                                 f"no checkpoint in {run.checkpoints}; resuming would start over from iteration 0 "
+                                 "and drop them. Start a new run (or move the dump away to start over)")  # fmt: skip
+            log.info("no checkpoint in %s: starting from iteration 0", run.checkpoints)
+            return None, None
+        return found
+
     def save_checkpoint(self, iteration: int) -> Path:
         path = self.folder.checkpoints / f"ckpt_{iteration:06d}.pt"
-        tmp = path.with_suffix(".tmp")
         state = {
             "iteration": iteration,
             "learner": self.learner.state_dict(),
@@ -218,11 +286,42 @@ class Trainer:
             "config": config_yaml(self.cfg),
             "package_version": __version__,
         }
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a kill leaves the old or the new checkpoint, never half of one
+        self.write_checkpoint(path, state)
         for old in sorted(self.folder.checkpoints.glob("ckpt_*.pt"))[: -self.cfg.keep_checkpoints]:
             old.unlink()
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
         return path
+
+    @staticmethod
+    def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+        """torch.save `state` to `path` atomically, then its SHA-256 to `path.sha256`. A failed write (disk
+        full, quota, file size limit) leaves no .tmp and raises ReledError naming the path and bytes free."""
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        side = path.with_name(path.name + ".sha256")
+        tmps = (path.with_suffix(".tmp"), side.with_suffix(".tmp"))
+        try:
+            digest = f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode()
+            for tmp, payload in zip(tmps, (data, digest), strict=True):
+                with open(tmp, "wb") as fh:
+                    fh.write(payload)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            # atomic: a kill leaves the old or the new checkpoint, never half of one; the sidecar follows
+            os.replace(tmps[0], path)
+            os.replace(tmps[1], side)
+        except OSError as exc:
+            for tmp in tmps:
+                tmp.unlink(missing_ok=True)
+            try:
+                free = f"{shutil.disk_usage(path.parent).free} bytes free"
+            except OSError:
+                free = "free space unknown"
+            if exc.errno == errno.EFBIG:  # RLIMIT_FSIZE (ulimit -f), not the disk
+                free += f", file size limit {resource.getrlimit(resource.RLIMIT_FSIZE)[0]} bytes"
+            why = exc.strerror or exc
+            raise ReledError(f"cannot write checkpoint {path} ({len(data)} bytes, {free}): {why}") from exc
 
     # ---- one iteration ---------------------------------------------------------------------------
     def _local_rollout(self, it: int) -> tuple[Batch, Batch | None, np.ndarray, np.ndarray, np.ndarray]:
@@ -421,10 +520,19 @@ def train(config: Path | str | TrainConfig | None, *, resume: Path | None = None
           comm: Any = None) -> tuple[Path, dict[str, float] | None]:  # fmt: skip
     """Train from a config file (or object), or resume a run folder. Returns (run folder, last
     metrics on rank 0). Under mpiexec/srun every rank calls this; an exception on any rank aborts
-    the whole job (MPI Abort) after logging the rank and traceback."""
+    the whole job (MPI Abort) after logging the rank and traceback.
+
+    Rank 0 holds the folder's lock (`RunDir.lock`) from before it writes anything there until
+    training ends: a second writer (another --resume, or a new run of the same name) fails at once
+    with ReledError naming the holder, on every rank alike (broadcast, no abort). A new run's folder
+    that already holds committed work is refused (use --resume); one whose run failed before
+    committing an iteration is replaced, its files set aside in RUN_DIR/replaced-<time>/."""
+    import contextlib
+
     from ..dist.comm import get_comm
 
     comm = comm or get_comm()
+    agreed: BaseException | None = None  # raised on every rank alike: no MPI abort needed
     try:
         if resume is not None:
             run = RunDir(resume).require_run()
@@ -434,23 +542,41 @@ def train(config: Path | str | TrainConfig | None, *, resume: Path | None = None
                 raise ReledError("train needs a config or a run folder to resume")
             cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
             run = RunDir(run_dir or Path(cfg.runs_dir) / cfg.name)
-            if run.has_dump():
-                raise ReledError(f"run folder {run} already holds a run: use --resume {run} or another name")
-        comm.barrier()  # every rank checked the folder before rank 0 creates anything in it
-        if comm.rank == 0:
-            run.path.mkdir(parents=True, exist_ok=True)
-            _setup_logging(run)
-            if comm.size > 1:
-                log.info("%d MPI ranks, rank 0 is the learner", comm.size)
-        comm.barrier()
-        trainer = Trainer(cfg, run.path, resume=resume is not None, comm=comm)
-        try:
-            last = trainer.run()
-        finally:
-            trainer.close()
+        comm.barrier()  # every rank read the folder before rank 0 changes anything in it
+        with contextlib.ExitStack() as held:
+            failed, replaced = None, None
+            if comm.rank == 0:
+                try:
+                    held.enter_context(run.lock())
+                    # under the lock: two new runs of one name cannot both find the folder free
+                    if resume is None:
+                        why = run.committed()
+                        if why is not None:
+                            raise ReledError(f"run folder {run} already holds a run: use --resume {run} or another "
+                                             f"name (it holds {why})")  # fmt: skip
+                        replaced = run.set_aside()
+                except (ReledError, OSError) as exc:  # every rank leaves with the message, none aborts
+                    failed = str(exc) if isinstance(exc, ReledError) else f"run folder {run}: {exc}"
+            failed = comm.bcast_obj(failed)
+            if failed is not None:
+                agreed = ReledError(failed)
+                raise agreed
+            if comm.rank == 0:
+                _setup_logging(run)
+                if replaced is not None:
+                    log.warning("run folder %s held a run that committed no iteration: its files were moved to %s",
+                                run, replaced)  # fmt: skip
+                if comm.size > 1:
+                    log.info("%d MPI ranks, rank 0 is the learner", comm.size)
+            comm.barrier()
+            trainer = Trainer(cfg, run.path, resume=resume is not None, comm=comm)
+            try:
+                last = trainer.run()
+            finally:
+                trainer.close()
         return run.path, last
     except BaseException as exc:
-        if not comm.is_mpi or isinstance(exc, SystemExit):
+        if not comm.is_mpi or isinstance(exc, SystemExit) or exc is agreed:
             raise
         import traceback
 

@@ -10,10 +10,15 @@ removed on resume. See docs/hdf5_schema.md for the measurements behind the file 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+import resource
+import shutil
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,7 +33,9 @@ from .reader import committed_metric_rows, first_row_after, open_h5
 
 # False only to reproduce the plain-flush mode that SIGKILL corrupts (docs/hdf5_schema.md)
 _SWMR = True
-_LIBVER = ("v110", "latest")  # SWMR needs the 1.10 format; files stay readable by HDF5 >= 1.10
+_LIBVER = ("v110", "latest")
+# room kept beyond a write's raw size for HDF5 metadata (B-tree nodes, object headers, the superblock)
+_ROOM_MARGIN = 256 * 1024  # SWMR needs the 1.10 format; files stay readable by HDF5 >= 1.10
 
 
 def _coerce(where: str, value: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -57,6 +64,12 @@ def _coerce(where: str, value: Any, dtype: np.dtype, shape: tuple[int, ...]) -> 
     elif dtype.kind == "f" and kind not in "biuf":
         raise DumpError(f"{where}: expected {dtype} (numbers), got {arr.dtype}")
     return arr.astype(dtype)
+
+
+def _errno_text(msg: str) -> str:
+    """'No space left on device' (or whichever OS error) out of an HDF5 error message."""
+    m = re.search(r"error message = '([^']*)'", msg)
+    return m.group(1) if m else msg
 
 
 class TrajectoryWriter:
@@ -225,7 +238,7 @@ class TrajectoryWriter:
 
     def _file(self) -> h5py.File:
         if self._f is None:
-            raise DumpError(f"{self.path}: writer is closed")
+            raise DumpError(f"{self.path}: writer is closed (or stopped after a failed write)")
         return self._f
 
     def _claim_iteration(self, values: np.ndarray, where: str) -> None:
@@ -251,6 +264,9 @@ class TrajectoryWriter:
             ds = grp[name]
             ds.resize(n0 + n, axis=0)
             ds[n0 : n0 + n] = arr
+            # write the chunk now: a write the chunk cache defers fails later, where HDF5 only prints the
+            # error (dataset dealloc) and the next write may crash the process
+            ds.flush()
 
     # ------------------------------------------------------------------ API
     def append_rows(self, group: S.RowGroup, rows: Mapping[str, np.ndarray]) -> None:
@@ -275,7 +291,8 @@ class TrajectoryWriter:
         self._claim_iteration(cols["iteration"], f"{group}/iteration")
         self._buf[group].append(cols)
         self._buffered[group] += n
-        self._write_rows(group, final=False)
+        with self._failing_write():
+            self._write_rows(group, final=False)
 
     def _write_rows(self, group: str, final: bool) -> None:
         """Write buffered rows up to the last whole chunk (all of them when `final`).
@@ -289,6 +306,7 @@ class TrajectoryWriter:
         if n <= 0:
             return
         parts = self._buf[group]
+        self._check_room(sum(a.nbytes for p in parts for a in p.values()))
         cols = {
             name: np.concatenate([p[name] for p in parts]) if len(parts) > 1 else parts[0][name] for name in parts[0]
         }
@@ -327,7 +345,9 @@ class TrajectoryWriter:
                 cols[c.name] = _coerce(f"programs/{c.name}", raw, c.dtype, ())
         self._claim_iteration(cols["iteration"], "programs/iteration")
         n = len(rows)
-        self._append(f[S.PROGRAMS_GROUP], self._n[S.PROGRAMS_GROUP], cols, n)
+        self._check_room(sum(a.nbytes if a.dtype != S.VLEN_STR else sum(map(len, a)) * 4 for a in cols.values()))
+        with self._failing_write():
+            self._append(f[S.PROGRAMS_GROUP], self._n[S.PROGRAMS_GROUP], cols, n)
         self._n[S.PROGRAMS_GROUP] += n
 
     def end_iteration(self, metrics: Mapping[str, float]) -> int:
@@ -362,19 +382,70 @@ class TrajectoryWriter:
         row["iteration"] = float(it)
         grp = f[S.METRICS_GROUP]
         n0 = self._n_metrics
-        for g in S.ROW_GROUPS:
-            self._write_rows(g, final=True)
-        f.flush()  # 1) the iteration's rows
-        self._fsync()
-        self._append(grp, n0, {k: np.array([v]) for k, v in row.items() if k != "iteration"}, 1)
-        f.flush()  # 2) the metrics row
-        self._append(grp, n0, {"iteration": np.array([row["iteration"]])}, 1)
-        f.flush()  # 3) the commit marker
-        self._fsync()
+        with self._failing_write():
+            for g in S.ROW_GROUPS:
+                self._write_rows(g, final=True)
+            f.flush()  # 1) the iteration's rows
+            self._fsync()
+            self._append(grp, n0, {k: np.array([v]) for k, v in row.items() if k != "iteration"}, 1)
+            f.flush()  # 2) the metrics row
+            self._append(grp, n0, {"iteration": np.array([row["iteration"]])}, 1)
+            f.flush()  # 3) the commit marker
+            self._fsync()
         self._n_metrics += 1
         self._last = it
         self._pending = None
         return it
+
+    def _check_room(self, raw_bytes: int) -> None:
+        """Refuse a write that may not fit (free disk space, RLIMIT_FSIZE) before HDF5 starts it: HDF5 cannot
+        be closed cleanly after a failed write (its dirty cache crashes the process at exit), whereas a
+        write never started leaves the file whole. `raw_bytes` is uncompressed, so the test is conservative."""
+        need = raw_bytes + _ROOM_MARGIN
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+            size = self.path.stat().st_size
+        except OSError:
+            return  # cannot tell: the write itself will say
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if free >= need and (limit == resource.RLIM_INFINITY or size + need <= limit):
+            return
+        self.close()
+        room = f"{free} bytes free" if free < need else f"file size limit {limit} bytes, file {size} bytes"
+        raise DumpError(f"{self.path}: no room for the next write ({room}, need about {need} bytes); iterations up "
+                        f"to {self._last} are committed and readable, resume once there is space")  # fmt: skip
+
+    @contextlib.contextmanager
+    def _failing_write(self) -> Iterator[None]:
+        """Stop at the first failed write (disk full, quota, file size limit): writing on after a failed
+        resize or flush can crash inside HDF5, so the file is closed at once (iterations committed before
+        stay readable) and every later call raises DumpError."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError when a flush fails
+            why = str(exc).split(" (file write failed")[0] + (
+                f": {_errno_text(str(exc))}" if "errno" in str(exc) else ""
+            )
+            # the traceback's frames hold dataset handles: freeing them after the file is closed crashes
+            # HDF5, so drop them first
+            traceback.clear_frames(exc.__traceback__)
+            del exc
+            self._abandon()
+            try:
+                free = f"{shutil.disk_usage(self.path.parent).free} bytes free"
+            except OSError:
+                free = "free space unknown"
+            raise DumpError(f"{self.path}: writing failed ({free}; iterations up to {self._last} are committed "
+                            f"and readable): {why}") from None  # fmt: skip
+
+    def _abandon(self) -> None:
+        f, self._f = self._f, None
+        if f is None:
+            return
+        try:
+            f.close()
+        except Exception:  # the close flushes too and may fail the same way; the file is left as it is
+            pass
 
     def _fsync(self) -> None:
         """Also survive a node crash (flush() only reaches the OS page cache, enough for a killed process)."""
