@@ -118,7 +118,7 @@ class RunDir:
         """Why the folder holds committed work (a checkpoint, or a dump with a committed iteration), or
         None when nothing was committed and a new run may replace it. A dump that cannot be read counts
         as committed: it may hold iterations."""
-        ckpts = sorted(self.checkpoints.glob("ckpt_*.pt")) if self.checkpoints.is_dir() else []
+        ckpts = checkpoint_files(self.checkpoints)
         if ckpts:
             return f"checkpoint {ckpts[-1].name}"
         if not self.has_dump():
@@ -202,6 +202,15 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.path)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The checkpoints in a run's checkpoint folder, oldest first (ckpt_<iteration>.pt sort by iteration)."""
+    return sorted(folder.glob("ckpt_*.pt")) if folder.is_dir() else []
+
+
+def checkpoint_file(folder: Path, iteration: int) -> Path:
+    return folder / f"ckpt_{iteration:06d}.pt"
 
 
 def dump_path(path: str | Path) -> Path:

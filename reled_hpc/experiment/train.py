@@ -38,7 +38,7 @@ from .algorithms import get_algorithm
 from .config import TrainConfig, agent_counts, config_yaml, load_config
 from .metrics import EXTRA_METRICS, dump_rows, iteration_row, program_rows, rank_env_steps, rank_metrics
 from .probe import PROBE_METRICS, InteractionProbe
-from .run_dir import RunDir
+from .run_dir import RunDir, checkpoint_file, checkpoint_files
 from .seeds import actor_seed, derive_seed, episode_index, expert_seed, scenario_seed
 
 log = logging.getLogger("reled_hpc.train")
@@ -204,10 +204,6 @@ class Trainer:
                 log.warning("tensorboard is not installed: no TensorBoard scalars (metrics are in the HDF5 file)")
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(self.folder.checkpoints.glob("ckpt_*.pt"))
-        return ckpts[-1] if ckpts else None
-
     @staticmethod
     def load_checkpoint(path: Path) -> dict[str, Any]:
         """A checkpoint's state, checked against its `.sha256` sidecar; ReledError if it is damaged.
@@ -231,7 +227,7 @@ class Trainer:
         """The newest checkpoint in `folder` that loads and passes its checksum (at most `max_iteration`),
         warning about each damaged one skipped; None if there are no checkpoints at all. ReledError naming
         every file when checkpoints exist but none is good."""
-        ckpts = sorted(folder.glob("ckpt_*.pt"), reverse=True)
+        ckpts = checkpoint_files(folder)[::-1]
         bad: list[str] = []
         for path in ckpts:
             try:
@@ -260,7 +256,7 @@ class Trainer:
         last = committed[-1] if committed else -1
         if committed != list(range(last + 1)):
             raise ReledError(f"{run.dump}: committed iterations are not 0..{last} without gaps: cannot resume")
-        has_ckpts = any(run.checkpoints.glob("ckpt_*.pt"))
+        has_ckpts = bool(checkpoint_files(run.checkpoints))
         if has_ckpts and last < 0:
             raise ReledError(f"cannot resume {run}: checkpoints exist in {run.checkpoints} but the dump {run.dump} "
                              "is missing or holds no committed iteration; resuming would leave a gap in the dump. "
@@ -276,7 +272,7 @@ class Trainer:
         return found
 
     def save_checkpoint(self, iteration: int) -> Path:
-        path = self.folder.checkpoints / f"ckpt_{iteration:06d}.pt"
+        path = checkpoint_file(self.folder.checkpoints, iteration)
         state = {
             "iteration": iteration,
             "learner": self.learner.state_dict(),
@@ -287,7 +283,7 @@ class Trainer:
             "package_version": __version__,
         }
         self.write_checkpoint(path, state)
-        for old in sorted(self.folder.checkpoints.glob("ckpt_*.pt"))[: -self.cfg.keep_checkpoints]:
+        for old in checkpoint_files(self.folder.checkpoints)[: -self.cfg.keep_checkpoints]:
             old.unlink()
             old.with_name(old.name + ".sha256").unlink(missing_ok=True)
         return path

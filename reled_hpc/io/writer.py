@@ -33,9 +33,9 @@ from .reader import committed_metric_rows, first_row_after, open_h5
 
 # False only to reproduce the plain-flush mode that SIGKILL corrupts (docs/hdf5_schema.md)
 _SWMR = True
-_LIBVER = ("v110", "latest")
+_LIBVER = ("v110", "latest")  # SWMR needs the 1.10 format; files stay readable by HDF5 >= 1.10
 # room kept beyond a write's raw size for HDF5 metadata (B-tree nodes, object headers, the superblock)
-_ROOM_MARGIN = 256 * 1024  # SWMR needs the 1.10 format; files stay readable by HDF5 >= 1.10
+_ROOM_MARGIN = 256 * 1024
 
 
 def _coerce(where: str, value: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
