@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # lower layers never import higher ones; packages of one layer do not import each other
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"root"}),  # reled_hpc/__init__, config (typed-config machinery), errors, finite
+    frozenset({"root"}),  # reled_hpc/__init__, config (typed-config machinery), errors, finite, text
     frozenset({"sim", "llm", "io", "dist"}),
     frozenset({"learn"}),
     frozenset({"expert"}),
@@ -64,7 +64,7 @@ def _package(module: str) -> str:
     parts = module.split(".")
     if parts[0] == "analysis":
         return "analysis"
-    if len(parts) == 1 or parts[1] in ("config", "errors", "finite"):
+    if len(parts) == 1 or parts[1] in ("config", "errors", "finite", "text"):
         return "root"
     return parts[1]
 
