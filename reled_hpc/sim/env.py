@@ -105,6 +105,11 @@ class EnvConfig:
         return len(SELF_FEATURES) + self.a_max * len(CAND_FEATURES)
 
     @property
+    def obs_features(self) -> tuple[str, ...]:
+        """Name of each of the obs_dim observation features, in order (candidate j's as `cand{j}.name`)."""
+        return SELF_FEATURES + tuple(f"cand{j}.{f}" for j in range(self.a_max) for f in CAND_FEATURES)
+
+    @property
     def reward_bound(self) -> float:
         """|r| <= r_max: a decision's time term is at most the horizon."""
         return self.horizon_s / self.reward_time_scale_s + max(self.arrival_bonus, self.failure_penalty)
