@@ -216,3 +216,91 @@ def test_disk_full_gives_a_clear_error_and_keeps_committed_iterations(tmp_path, 
     assert "trajectories.h5" in out["train_error"] and "bytes" in out["train_error"], out
     assert out["committed"] and out["committed"] == list(range(len(out["committed"]))), out
     assert "no checkpoint" in out["resume_error"] and "start over" in out["resume_error"], out
+
+
+class _LateLLM:
+    """An OpenAI-style server that answers GET /v1/models (readiness) and counts chat requests; its
+    reply holds no program, so each request shows up as one rejected program in the dump."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.posts = 0
+        late = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._send({"data": [{"id": "late"}]})
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                late.posts += 1
+                msg = {"role": "assistant", "content": "no program today"}
+                self._send({"choices": [{"message": msg, "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": 3, "completion_tokens": 3}})  # fmt: skip
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _llm_cfg(tmp_path: Path, name: str, endpoint: Path, **llm) -> Path:
+    return _cfg(tmp_path, name, algorithm="reled", iterations=3, hpo={"expert": "llm"},
+                llm={"endpoint": str(endpoint), "model": "late", "wait_s": 1.0, "cache": False, **llm},
+                sed={"m": 1, "r_max_rounds": 1, "measure_external": False})  # fmt: skip
+
+
+def test_missing_endpoint_file_falls_back_like_a_dead_server_then_is_picked_up(tmp_path, grid, caplog):
+    from reled_hpc.llm.server import Endpoint, write_endpoint_file
+
+    srv, ep_dir = _LateLLM(), tmp_path / "llm"
+    ep_dir.mkdir()
+
+    class StartServerOnFallback(logging.Handler):  # the server job turns up after the first cycle fell back
+        def emit(self, record: logging.LogRecord) -> None:
+            msg, there = record.getMessage(), (ep_dir / "endpoint.json").exists()
+            if msg.startswith("SED cycle") and "fallback demonstration" in msg and not there:
+                write_endpoint_file(ep_dir, Endpoint(srv.url, "late", "embedded"))
+
+    hook = StartServerOnFallback()
+    logging.getLogger("reled_hpc").addHandler(hook)
+    caplog.set_level(logging.INFO, logger="reled_hpc")
+    try:
+        t0 = time.monotonic()
+        run, _ = train(_llm_cfg(tmp_path, "late", ep_dir))
+        elapsed = time.monotonic() - t0
+    finally:
+        logging.getLogger("reled_hpc").removeHandler(hook)
+        srv.close()
+    assert _committed(run / "trajectories.h5") == [0, 1, 2]  # nothing waited 900 s, nothing failed
+    assert elapsed < 120, elapsed
+    assert "llm.on_unavailable=fallback" in caplog.text and "answers now" in caplog.text, caplog.text
+    assert srv.posts == 2  # iterations 1 and 2 asked the late server, one subset, one round each
+    with TrajectoryReader(run / "trajectories.h5") as r:
+        assert sorted(set(r.programs()["iteration"].tolist())) == [1, 2]
+
+
+def test_missing_endpoint_file_stops_the_run_when_on_unavailable_is_error(tmp_path, grid):
+    missing = tmp_path / "nowhere"
+    t0 = time.monotonic()
+    with pytest.raises(ReledError, match="nowhere"):
+        train(_llm_cfg(tmp_path, "strict", missing, on_unavailable="error"))
+    assert time.monotonic() - t0 < 60
+    run = tmp_path / "runs" / "strict"
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("*.pt"))

@@ -178,6 +178,36 @@ def test_timeout_signal_requeues_and_resumes_the_same_dump(slurm_cluster, cli, t
 
 
 @pytest.mark.slurm
+def test_submit_replaces_a_run_that_failed_in_iteration_0_and_refuses_an_active_one(slurm_cluster, cli, tmp_path):
+    base = [str(REPO / "configs/ippo.yaml"), "--name", "f0", "--set", f"runs_dir={tmp_path}", *TINY, "--time", "10"]
+    run = tmp_path / "f0"
+    env_fault = {"RELED_HPC_FAULT": "0:0"}  # the training job raises in iteration 0 (sbatch exports the env)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env_fault.items():
+            mp.setenv(k, v)
+        r = cli("submit", *base, "--set", "iterations=2")
+    assert r.returncode == 0, r.stderr
+    assert slurm_cluster.wait_state(_job_id(r.stdout), ENDED, timeout=240) == "FAILED"
+    assert (run / "config.yaml").is_file() and not list((run / "checkpoints").glob("*.pt"))
+    old_config = (run / "config.yaml").read_text()
+    # a new submission of the same folder (another config: 3 iterations) is taken, and replaces it
+    r = cli("submit", *base, "--set", "iterations=3")
+    assert r.returncode == 0, r.stderr
+    job = _job_id(r.stdout)
+    # while that job may still write there, a third submission is refused at once, naming the job
+    r3 = cli("submit", *base, "--set", "iterations=3")
+    assert r3.returncode != 0 and "f0" in r3.stderr and ("--resume" in r3.stderr or job in r3.stderr), r3.stderr
+    assert slurm_cluster.wait_state(job, ENDED, timeout=240) == "COMPLETED", (run / "train.log").read_text()
+    assert list(_iterations(run)) == [0, 1, 2]  # the new job's config, not a resume of the failed one
+    (aside,) = run.glob("replaced-*")
+    assert (aside / "config.yaml").read_text() == old_config
+    # committed work is never replaced
+    r4 = cli("submit", *base, "--set", "iterations=3")
+    assert r4.returncode != 0 and "--resume" in r4.stderr, r4.stderr
+    print("third submission refused with:", r3.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.slurm
 def test_cancelled_job_is_reported_cancelled(slurm_cluster, cli, tmp_path):
     r = cli("submit", str(REPO / "configs/ippo.yaml"), "--name", "c", "--set", f"runs_dir={tmp_path}",
             "--set", "iterations=200", *TINY, "--time", "10")  # fmt: skip

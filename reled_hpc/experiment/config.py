@@ -40,10 +40,16 @@ class LLMConfig:
     """Seconds per LLM request (> 0)."""
     cache: bool = True
     """Reuse temperature-0 answers kept on disk ($RELED_HPC_CACHE/llm_responses): a rerun or resume skips the model."""
+    max_answer_bytes: int = 65536
+    """Cap on each LLM answer in UTF-8 bytes (> 0) before it is parsed, cached or stored; a plan program is <= 20 kB."""
+    on_unavailable: Literal["fallback", "error"] = "fallback"
+    """No LLM answers (dead URL, endpoint file missing after wait_s): 'fallback' trains on with the fallback
+    demonstration and retries every cycle; 'error' stops the run."""
 
     def validate(self, where: str = "llm") -> None:
         require(self.n_ctx >= 1024, f"{where}.n_ctx", "must be >= 1024 (plan prompts are ~2k tokens)")
         require(self.wait_s > 0 and self.timeout_s > 0, where, "wait_s and timeout_s must be > 0")
+        require(self.max_answer_bytes > 0, f"{where}.max_answer_bytes", f"must be > 0, got {self.max_answer_bytes}")
 
 
 @dataclass

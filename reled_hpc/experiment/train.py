@@ -130,8 +130,9 @@ class Trainer:
         """Rank 0 starts the embedded server when no endpoint is configured; every rank gets the
         endpoint by broadcast and sends its own subsets' requests."""
         from ..expert.llm_expert import LLMExpert
+        from ..llm import LLMUnavailable
         from ..llm.cache import ResponseCache
-        from ..llm.server import EmbeddedServer, Endpoint, wait_for_endpoint
+        from ..llm.server import DeferredClient, EmbeddedServer, Endpoint, wait_for_endpoint
 
         llm = self.cfg.llm
         ep = None
@@ -144,11 +145,22 @@ class Trainer:
             elif llm.endpoint.startswith(("http://", "https://")):
                 ep = Endpoint(base_url=llm.endpoint.rstrip("/"), model=llm.model, backend="vllm")
             else:
-                ep = wait_for_endpoint(llm.endpoint, timeout_s=llm.wait_s)
-            log.info("SED LLM endpoint: %s (model %s, %s)", ep.base_url, ep.model, ep.backend)
+                try:
+                    ep = wait_for_endpoint(llm.endpoint, timeout_s=llm.wait_s)
+                except LLMUnavailable as exc:
+                    if llm.on_unavailable == "error":
+                        raise
+                    # as with a dead URL: train on, SED falling back, until the server turns up
+                    log.warning("%s; llm.on_unavailable=fallback: SED cycles use the fallback demonstration "
+                                "and look for the endpoint again at each cycle", exc)  # fmt: skip
+            if ep is not None:
+                log.info("SED LLM endpoint: %s (model %s, %s)", ep.base_url, ep.model, ep.backend)
         ep = self.comm.bcast_obj(ep)
         cache = ResponseCache() if llm.cache else None
-        client = ep.client(timeout_s=llm.timeout_s, cache=cache)
+        if ep is None:
+            client: Any = DeferredClient(llm.endpoint, llm.model, timeout_s=llm.timeout_s, cache=cache)
+        else:
+            client = ep.client(timeout_s=llm.timeout_s, cache=cache)
         return LLMExpert(client, self.cfg.sed, seed=expert_seed(self.cfg, self.rank))
 
     def _expert_key(self) -> str:
@@ -351,6 +363,10 @@ class Trainer:
             ebatches = []
             for seed, episode in zip(seeds, episodes, strict=True):
                 eb, st, new = self.demos.episode(self.env, it, seed, episode)
+                if new and "error" in st and cfg.hpo.expert == "llm" and cfg.llm.on_unavailable == "error":
+                    from ..llm import LLMUnavailable
+
+                    raise LLMUnavailable(f"iteration {it}, rank {self.rank}: {st['error']} (llm.on_unavailable=error)")
                 ebatches.append(eb)
                 estats.append(st)
                 fresh.append(new)

@@ -80,8 +80,11 @@ class TrainJob(submitit.helpers.Checkpointable):
             signal.raise_signal(signal.SIGTERM)
 
         signal.signal(signal.SIGUSR2, on_timeout)
-        # every rank sees the same folder state: rank 0 creates files only after train()'s first barrier
-        resume = RunDir(run_dir).is_run()
+        # every rank sees the same folder state: rank 0 creates files only after train()'s first barrier.
+        # Resume what committed work; a folder that committed nothing (a run that failed in iteration 0,
+        # or this job requeued before its first iteration) starts this job's config, and train() moves
+        # the old files aside.
+        resume = RunDir(run_dir).committed() is not None
         if comm.rank == 0:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
             log.info("job %s: %s %s (%d ranks)", _job_id(), "resuming" if resume else "starting", run_dir, comm.size)

@@ -18,6 +18,7 @@ from ..errors import ConfigError, ReledError
 from .spec import SlurmSpec, check_feasible, spec_from
 
 if TYPE_CHECKING:
+    from ..experiment.run_dir import RunDir
     from ..llm.server import ServerConfig
 
 log = logging.getLogger("reled_hpc.launch")
@@ -130,7 +131,7 @@ def submit(
         run = RunDir((Path(cfg.runs_dir) / cfg.name).resolve())
         run_dir = run.path
         if run.is_run() or run.has_dump():
-            raise ReledError(f"run folder {run_dir} already holds a run: pass --resume {run_dir} or another --name")
+            _check_replaceable(run)
     section = {k: v for k, v in cfg.slurm.items() if k != LLM_SECTION}
     spec = spec_from(section, f"{where}: slurm", **(resources or {}))
     check_config(cfg, spec, where)
@@ -187,3 +188,28 @@ def submit(
     jobs = json.loads((run_dir / SUBMIT_FILE).read_text()) if (run_dir / SUBMIT_FILE).exists() else []
     (run_dir / SUBMIT_FILE).write_text(json.dumps([*jobs, record], indent=1))
     return Submitted(run_dir, str(job.job_id), server_id, job)
+
+
+# states of a job that may still start or is running: its folder is not free yet
+_ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN")
+
+
+def _check_replaceable(run: RunDir) -> None:
+    """A folder holding a run may take a new submission only when that run committed nothing (it
+    failed in iteration 0) and no job of it may still run; the new job's `train` then moves the old
+    files into replaced-<time>/. Otherwise ReledError saying why and what to do."""
+    why = run.committed()
+    if why:
+        raise ReledError(
+            f"run folder {run.path} already holds a run ({why}): pass --resume {run.path} or another --name"
+        )
+    if (run.path / SUBMIT_FILE).exists():
+        from .status import collect
+
+        last = collect(run.path)["runs"][0]
+        if last["state"].split()[0] in _ACTIVE_STATES:
+            raise ReledError(
+                f"run folder {run.path}: its job {last['job']} is {last['state']} and may still write there; "
+                f"wait for it or cancel it (scancel {last['job']}), or pass another --name"
+            )
+    log.info("run folder %s holds a run that committed nothing: the new job moves its files into replaced-*/", run.path)

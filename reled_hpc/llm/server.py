@@ -151,6 +151,50 @@ def _ready_within(ep: Endpoint, timeout_s: float) -> bool:
     return bool(out and out[0])
 
 
+class DeferredClient:
+    """The client of a server that was not there when the run started (its endpoint file missing or
+    not answering after llm.wait_s): every call first looks at the endpoint file once (a bounded
+    probe) and raises LLMUnavailable, naming the file, until its server answers; from then on it is
+    that server's LLMClient. The caller treats that LLMUnavailable as it treats a dead URL."""
+
+    def __init__(self, path: str | os.PathLike[str], model: str, probe_s: float = 2.0, **client_kwargs: Any) -> None:
+        target = Path(path)
+        self.path = target / ENDPOINT_FILE if target.is_dir() or not target.suffix else target
+        self.model = model  # the configured name until the file names the served one
+        self.probe_s = probe_s
+        self._kwargs = client_kwargs
+        self._client: Any = None
+
+    def __repr__(self) -> str:
+        return f"DeferredClient({self.path}, {'connected' if self._client is not None else 'not yet answering'})"
+
+    def _resolve(self) -> Any:
+        if self._client is not None:
+            return self._client
+        try:
+            ep = read_endpoint_file(self.path)
+        except FileNotFoundError:
+            raise LLMUnavailable(f"no LLM endpoint file {self.path} (yet)") from None
+        except ServerError as exc:
+            raise LLMUnavailable(str(exc)) from None
+        if not _ready_within(ep, self.probe_s):
+            raise LLMUnavailable(f"{self.path} names {ep.base_url} ({ep.backend}) but {ep.ready_url} does not answer")
+        log.warning("the LLM endpoint %s answers now (%s, model %s): SED uses it from here on", self.path,
+                    ep.base_url, ep.model)  # fmt: skip
+        self._client = ep.client(**self._kwargs)
+        self.model = ep.model
+        return self._client
+
+    def complete_many(self, requests: Any, *, return_exceptions: bool = False) -> list[Any]:
+        return self._resolve().complete_many(requests, return_exceptions=return_exceptions)
+
+    def complete(self, *args: Any, **kwargs: Any) -> Any:
+        return self._resolve().complete(*args, **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        return self._client.stats() if self._client is not None else {}
+
+
 # ---- helpers ---------------------------------------------------------------------------------------
 def _http_ok(url: str, timeout_s: float) -> bool:
     try:
