@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING, Any
 import submitit
 
 from ..errors import ReledError
+from .records import REQUEUE_FILE
 
 if TYPE_CHECKING:
     from ..llm.server import ServerConfig
 
 log = logging.getLogger("reled_hpc.launch")
-
-REQUEUE_FILE = "requeues.json"  # per run folder: how often the job was requeued, and when
 
 
 def _job_id() -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ReledError
 from ..finite import finite_mean
-from .sweep import SWEEP_FILE
+from .records import SWEEP_FILE
 
 log = logging.getLogger("reled_hpc.launch")
 

@@ -14,9 +14,7 @@ from typing import Any
 
 from ..errors import ReledError
 from ..experiment.run_dir import RunDir
-from .jobs import REQUEUE_FILE
-from .submit import SUBMIT_FILE
-from .sweep import SWEEP_FILE
+from .records import REQUEUE_FILE, SUBMIT_FILE, SWEEP_FILE
 
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "Submit", "Start", "End", "Elapsed")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import ConfigError, ReledError
+from .records import SUBMIT_FILE
 from .spec import SlurmSpec, check_feasible, spec_from
 
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("reled_hpc.launch")
 
-SUBMIT_FILE = "submit.json"  # in the run folder: what was submitted, for `reled-hpc status`
 LLM_SECTION = "llm_server"  # slurm.llm_server: resources of the LLM server job
 
 

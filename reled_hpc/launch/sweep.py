@@ -36,10 +36,10 @@ import yaml
 
 from ..config import from_dict, load_yaml, require
 from ..errors import ConfigError, ReledError
+from .records import SWEEP_FILE
 from .spec import SlurmSpec, check_feasible, spec_from
 from .submit import check_config, make_executor
 
-SWEEP_FILE = "sweep.json"
 VARIANT = "variant"  # grid key whose values are named override sets
 
 
