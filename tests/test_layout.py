@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"root"}),  # reled_hpc/__init__, config (typed-config machinery), errors, finite, text
     frozenset({"sim", "llm", "io", "dist"}),
-    frozenset({"learn"}),
+    frozenset({"learn", "pettingzoo"}),  # pettingzoo.py: the PettingZoo adapter over sim.env; nothing imports it
     frozenset({"expert"}),
     frozenset({"experiment"}),
     frozenset({"analysis", "launch", "bench"}),
