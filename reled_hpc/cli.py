@@ -238,6 +238,49 @@ def cmd_demo_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export ----------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    """`export RUN`: committed rows of a dump's groups as Parquet or CSV files (reled_hpc/io/export.py)."""
+    import warnings
+
+    from .errors import DumpError
+    from .experiment.run_dir import DUMP_FILE, dump_path
+    from .io import TrajectoryReader, cut_short
+    from .io import schema as S
+    from .io.export import default_output, export_group
+
+    given = Path(args.run)
+    if not given.exists():
+        raise DumpError(f"{given}: no such run folder or dump file")
+    dump = dump_path(given)
+    if not dump.is_file():
+        raise DumpError(f"{given}: a folder without {DUMP_FILE}; give a run folder or its dump file")
+    short = cut_short(dump)
+    if short:  # TrajectoryReader's SWMR open would retry every read past the cut for minutes
+        raise DumpError(f"{dump}: {short}; export reads intact dumps only (`reled-hpc analyze summary` "
+                        "reads the readable part)")  # fmt: skip
+    if args.chunk_rows < 1:
+        raise ReledError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
+    groups = [args.group] if args.group else list(S.ALL_GROUPS)
+    folder = dump.parent / "export"
+    if args.out and not args.group:
+        folder = Path(args.out)
+        if folder.exists() and not folder.is_dir():
+            raise ReledError(f"{folder}: not a folder; without --group, --out names the folder of the files")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        reader = TrajectoryReader(dump)
+    for w in caught:  # rows of an unfinished iteration (a live or killed run): not exported, said so
+        print(f"reled-hpc: note: {w.message}", file=sys.stderr)
+    with reader:
+        for group in groups:
+            out = Path(args.out) if args.out and args.group else default_output(folder, group, args.format)
+            res = export_group(reader, group, args.format, out, chunk_rows=args.chunk_rows)
+            side = f" (units: {res.units_path})" if res.units_path else " (units in the field metadata)"
+            print(f"wrote {res.path}: {res.rows} rows x {res.columns} columns{side}")
+    return 0
+
+
 # ---- parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reled-hpc", description="RELED multi-agent navigation on SUMO city networks.")
@@ -339,6 +382,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_server_arguments(s)
     s.set_defaults(func=cmd_serve_llm)
+
+    x = sub.add_parser(
+        "export",
+        help="write a dump's groups as Parquet or CSV (obs spread into one column per feature, with units)",
+        description="Export the committed rows of a run's HDF5 dump as flat tables for pandas, Arrow or a "
+        "spreadsheet: obs and action_mask become one column per feature (obs.<feature>, action_mask.cand<j>), "
+        "strings are text, booleans booleans. Units and descriptions go into the Parquet field metadata, or "
+        "for CSV into a sidecar <name>.units.json. Rows are streamed, so dumps larger than memory export "
+        "(docs/hdf5_schema.md, 'Export').",
+    )
+    x.add_argument("run", help="a run folder (holding trajectories.h5) or a dump file")
+    x.add_argument("--format", required=True, choices=["parquet", "csv"], help="output format")
+    x.add_argument(
+        "--group",
+        choices=["agent", "expert", "metrics", "programs"],
+        help="export only this group (default: all four, one file each)",
+    )
+    x.add_argument(
+        "--out",
+        help="with --group: the output file; without: the folder of the files (default: RUN/export/, "
+        "files named <group>.<format>)",
+    )
+    x.add_argument("--chunk-rows", type=int, default=65536, help="rows read and written at a time (memory bound)")
+    x.set_defaults(func=cmd_export)
 
     from .launch.cli import register as register_launch  # submit, sweep, status (SLURM via submitit)
 

@@ -88,7 +88,8 @@ def test_round_trip(tmp_path):
         assert r.attrs["created"].endswith("+00:00")
         assert r.config == {"env": {"n_agents": 100, "map": "helsinki"}, "seed": 7}
         m = r.metrics()
-        assert set(m) == {*S.METRIC_COLUMNS, "kl"} and all(v.dtype == np.float64 for v in m.values())
+        assert set(m) == {*S.METRIC_COLUMNS, "kl"} and m["iteration"].dtype == np.int32
+        assert all(v.dtype == np.float64 for k, v in m.items() if k != "iteration")
         assert np.isnan(m["llm_latency_s"]).all() and np.isnan(m["kl"]).all()  # not given: NaN
         assert not any(r.uncommitted_rows.values())
         # chunked iteration covers every row exactly once, in order
@@ -220,9 +221,39 @@ def test_resume_wrong_schema_version_and_missing_file(tmp_path):
         writer(path)
 
 
+def _replace(grp: h5py.Group, name: str, data: np.ndarray, dtype: object, fill: object) -> None:
+    """Recreate `grp/name` with another dtype, as an older writer made it (same chunks and filters)."""
+    old = grp[name]
+    kw = {"chunks": old.chunks, "compression": old.compression, "compression_opts": old.compression_opts}
+    del grp[name]
+    grp.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), dtype=dtype, fillvalue=fill, **kw)
+
+
+def downgrade(path: Path, version: int) -> None:
+    """Turn a version-3 dump into what a writer of schema `version` (1 or 2) left: booleans as h5py's
+    HDF5 enum, metrics/iteration float64 with NaN fill, no programs/answer_bytes, no dataset attributes;
+    version 1 also without programs/rank (folded into subset)."""
+    with h5py.File(path, "r+") as f:
+        for g in S.ALL_GROUPS:
+            grp = f[g]
+            for name in list(grp):
+                for key in list(grp[name].attrs):
+                    del grp[name].attrs[key]
+                if grp[name].dtype == S.BOOL_STORAGE and g != "metrics":
+                    _replace(grp, name, grp[name][...].astype(bool), np.bool_, False)
+        its = f["metrics/iteration"][...]
+        _replace(f["metrics"], "iteration", its.astype(np.float64), np.float64, np.nan)
+        del f["programs/answer_bytes"]
+        if version == 1:
+            g = f["programs"]
+            g["subset"][...] = g["subset"][...] + S.V1_RANK_STRIDE * g["rank"][...]
+            del g["rank"]
+        f.attrs["schema_version"] = version
+
+
 def test_program_rank_round_trip_and_version_1_files_are_read(tmp_path):
     """programs/rank is stored as given; a schema-1 file (no rank column, subset + 1000 * rank) reads
-    as subset and rank, and cannot be resumed by a schema-2 writer."""
+    as subset and rank, and cannot be resumed by a schema-3 writer."""
     path = tmp_path / "run.h5"
     progs = [{**p, "rank": 3 * j, "subset": j % 2} for j, p in enumerate(expected_programs(3))]
     assert len(progs) == 3
@@ -231,14 +262,10 @@ def test_program_rank_round_trip_and_version_1_files_are_read(tmp_path):
         w.end_iteration(expected_metrics(3))
     with TrajectoryReader(path) as r:
         got = r.programs()
-        assert r.schema_version == SCHEMA_VERSION == 2
+        assert r.schema_version == SCHEMA_VERSION == 3
     assert list(got["rank"]) == [p["rank"] for p in progs] and got["rank"].dtype == np.int16
     assert list(got["subset"]) == [p["subset"] for p in progs]
-    with h5py.File(path, "r+") as f:  # as a version-1 writer left it
-        g = f["programs"]
-        g["subset"][...] = g["subset"][...] + S.V1_RANK_STRIDE * g["rank"][...]
-        del g["rank"]
-        f.attrs["schema_version"] = 1
+    downgrade(path, 1)  # as a version-1 writer left it
     with TrajectoryReader(path) as r:
         old = r.programs()
         chunk = next(r.iter_chunks("programs", ["rank"]))
@@ -246,6 +273,140 @@ def test_program_rank_round_trip_and_version_1_files_are_read(tmp_path):
     assert list(chunk) == ["rank"] and list(chunk["rank"]) == [p["rank"] for p in progs]
     with pytest.raises(DumpError, match=r"schema_version=1"):
         writer(path, resume=True)
+
+
+# ---------------------------------------------------------------------------- self-describing files (v3)
+FEATURES = tuple(f"feat{i}" for i in range(OBS_DIM))
+EXTRA_INFO = {"kl": ("nat", "KL of the update")}
+
+
+def is_enum(ds: h5py.Dataset) -> bool:
+    """The stored HDF5 type is an enum (h5py shows its bool enum as numpy bool, hiding that)."""
+    return isinstance(ds.id.get_type(), h5py.h5t.TypeEnumID)
+
+
+def test_every_dataset_carries_units_and_plain_types(tmp_path):
+    """h5py alone sees units/description on every dataset, feature names on obs and action_mask, booleans
+    as uint8 0/1 (no HDF5 enum) and an integer metrics/iteration; the reader still returns numpy bool."""
+    path = tmp_path / "run.h5"
+    with writer(path, extra_metrics=["kl"], metric_info=EXTRA_INFO, obs_features=FEATURES) as w:
+        for it in range(2):
+            write_iteration(w, it)
+    with h5py.File(path, "r") as f:
+        for g in S.ALL_GROUPS:
+            for name, ds in f[g].items():
+                where = f"{g}/{name}"
+                units, desc = ds.attrs[S.UNITS_ATTR], ds.attrs[S.DESCRIPTION_ATTR]
+                assert isinstance(units, str) and isinstance(desc, str) and desc, where
+                assert units or desc.endswith(S.NO_UNIT), f"{where}: no units and no reason"
+                assert not is_enum(ds), f"{where}: HDF5 enum"
+        for name in ("done", "action_mask"):
+            ds = f[f"agent/{name}"]
+            assert ds.dtype == np.uint8 and ds.attrs[S.UNITS_ATTR] == "bool" and set(np.unique(ds[...])) == {0, 1}
+        assert f["programs/executed"].dtype == np.uint8
+        assert f["metrics/iteration"].dtype == f["agent/iteration"].dtype == np.int32
+        assert list(f["metrics/iteration"][...]) == [0, 1]
+        units = {g: {n: ds.attrs[S.UNITS_ATTR] for n, ds in f[g].items()} for g in S.ALL_GROUPS}
+        assert (units["agent"]["t"], units["agent"]["x"], units["agent"]["reward"]) == ("s", "m", "min")
+        assert units["metrics"]["kl"] == "nat" and units["metrics"]["wall_s"] == "s"
+        assert tuple(f["agent/obs"].attrs[S.FEATURES_ATTR]) == FEATURES
+        assert tuple(f["expert/action_mask"].attrs[S.FEATURES_ATTR]) == ("cand0", "cand1", "cand2", "cand3")
+    with TrajectoryReader(path) as r:
+        check_content(r, [0, 1])  # bool columns come back as bool, equal to what was written
+        assert r.feature_names("agent", "obs") == FEATURES
+        assert r.units("metrics")["kl"] == "nat" and r.descriptions("programs")["answer_bytes"]
+
+
+def test_writer_refuses_missing_units_and_wrong_feature_count(tmp_path):
+    with pytest.raises(DumpError, match=r"no units for extra metrics \['kl'\]"):
+        writer(tmp_path / "a.h5", extra_metrics=["kl", "x"], metric_info={"x": ("1", "x")})
+    with pytest.raises(DumpError, match=r"35 obs_features for obs_dim 36"):
+        writer(tmp_path / "b.h5", obs_features=FEATURES[:-1])
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()
+
+
+def test_metric_units_table_covers_every_metric():
+    """A metric added to EXTRA_METRICS (or the schema) without units fails here, and in the trainer's writer."""
+    from reled_hpc.experiment.metrics import ALL_METRIC_INFO, EXTRA_METRIC_INFO, EXTRA_METRICS
+
+    names = S.metric_columns(EXTRA_METRICS)
+    assert set(ALL_METRIC_INFO) == set(names), "metrics without units, or units of no metric"
+    for name in names:
+        units, desc = ALL_METRIC_INFO[name]
+        assert desc and (units or desc.endswith(S.NO_UNIT)), name
+    for c in (*S.ROW_COLUMNS, *S.PROGRAM_COLUMNS):
+        assert c.description and (c.units or c.description.endswith(S.NO_UNIT)), c.name
+    # the trainer passes the table: a missing entry is refused when its writer is made
+    with pytest.raises(DumpError, match="no units"):
+        info = {k: v for k, v in EXTRA_METRIC_INFO.items() if k != "ranks"}
+        TrajectoryWriter("/nonexistent/x.h5", config_yaml="", obs_dim=4, a_max=2, extra_metrics=EXTRA_METRICS,
+                         metric_info=info)  # fmt: skip
+
+
+def test_unsafe_program_strings_are_stored_safely(tmp_path):
+    """A lone surrogate or NUL in a program's text/error (LLM output) is stored as U+FFFD, not an error."""
+    from reled_hpc.text import is_safe, safe_text
+
+    path = tmp_path / "run.h5"
+    bad = {**expected_programs(1)[0], "text": "def plan(api):\n    return '\ud800'\x00tail", "error": "Bad\x00\udfff"}
+    with writer(path) as w:
+        w.append_programs([bad, {**bad, "answer_bytes": 12345}])
+        w.end_iteration({})
+    with TrajectoryReader(path) as r:
+        got = r.programs()
+    assert list(got["text"]) == [safe_text(bad["text"])] * 2 and list(got["error"]) == [safe_text(bad["error"])] * 2
+    assert all(is_safe(t) for t in (*got["text"], *got["error"])) and "tail" in got["text"][0]
+    assert "\ufffd" in got["text"][0] and got["text"][0].startswith("def plan(api):")
+    assert list(got["answer_bytes"]) == [-1, 12345] and got["answer_bytes"].dtype == np.int64
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_old_versions_read_with_version_3_types(tmp_path, version):
+    """A file of schema 1 or 2 (HDF5 enum booleans, float64 metrics/iteration, no answer_bytes, no attributes)
+    reads with the same values and types as the version-3 file it was made from, units from the schema."""
+    path = tmp_path / "run.h5"
+    with writer(path, extra_metrics=["kl"], metric_info=EXTRA_INFO) as w:
+        for it in range(3):
+            write_iteration(w, it)
+    with TrajectoryReader(path) as r:
+        new = {g: r.read(g) for g in ("agent", "expert", "programs")} | {"metrics": r.metrics()}
+        new_units = {g: r.units(g) for g in S.ALL_GROUPS}
+    downgrade(path, version)
+    with h5py.File(path, "r") as f:
+        assert is_enum(f["agent/done"]) and f["metrics/iteration"].dtype == np.float64
+        assert "answer_bytes" not in f["programs"] and not f["agent/t"].attrs
+    with TrajectoryReader(path) as r:
+        assert r.schema_version == version
+        check_content(r, [0, 1, 2])
+        old = {g: r.read(g) for g in ("agent", "expert", "programs")} | {"metrics": r.metrics()}
+        units = {g: r.units(g) for g in S.ALL_GROUPS}
+        assert r.feature_names("agent", "obs") == S.default_feature_names(OBS_DIM)
+        assert r.feature_names("agent", "action_mask") == S.candidate_names(A_MAX)
+    for g, cols in new.items():
+        assert list(old[g]) == list(cols), g
+        for name, a in cols.items():
+            assert old[g][name].dtype == a.dtype, f"{g}/{name}"
+            np.testing.assert_array_equal(old[g][name], a, err_msg=f"{g}/{name}")
+    assert (old["programs"]["answer_bytes"] == -1).all()
+    # units: the schema's for every column it describes; an old file cannot say what an extra metric is in
+    assert {g: u for g, u in units.items() if g != "metrics"} == {g: u for g, u in new_units.items() if g != "metrics"}
+    assert units["metrics"]["wall_s"] == "s" and units["metrics"]["kl"] == ""
+
+
+def test_uncommitted_row_of_a_version_2_file_is_ignored(tmp_path):
+    """The version-2 commit marker (NaN in a float64 metrics/iteration) still counts: a sized, unwritten row
+    is not read."""
+    path = tmp_path / "run.h5"
+    with writer(path) as w:
+        for it in range(2):
+            write_iteration(w, it)
+    downgrade(path, 2)
+    with h5py.File(path, "r+") as f:
+        for ds in f["metrics"].values():
+            ds.resize(3, axis=0)  # a third metrics row, iteration cell never written (NaN fill)
+    with pytest.warns(RuntimeWarning, match="unfinished"), TrajectoryReader(path) as r:
+        assert r.uncommitted_rows["metrics"] == 1 and list(r.metrics()["iteration"]) == [0, 1]
+        check_content(r, [0, 1])
 
 
 # ---------------------------------------------------------------------------- bad input

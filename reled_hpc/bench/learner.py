@@ -26,12 +26,13 @@ from ..sim.env import EnvConfig, NavigationEnv
 
 
 def _write_rows(path: Path, batch: dict[str, np.ndarray], expert: dict[str, np.ndarray], cfg: EnvConfig) -> float:
-    from ..experiment.metrics import EXTRA_METRICS, dump_rows
+    from ..experiment.metrics import EXTRA_METRIC_INFO, EXTRA_METRICS, dump_rows
     from ..io import TrajectoryWriter
 
     t0 = time.perf_counter()
     with TrajectoryWriter(path, config_yaml="bench: true\n", obs_dim=cfg.obs_dim, a_max=cfg.a_max,
-                          extra_metrics=EXTRA_METRICS) as w:  # fmt: skip
+                          extra_metrics=EXTRA_METRICS, metric_info=EXTRA_METRIC_INFO,
+                          obs_features=cfg.obs_features) as w:  # fmt: skip
         w.append_rows("agent", dump_rows(batch, 0))
         w.append_rows("expert", dump_rows(expert, 0))
         w.end_iteration({"iteration": 0.0})

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..finite import finite_max, finite_sum
-from ..io.schema import ROW_COLUMNS, TRAINER_COLUMNS
+from ..io.schema import METRIC_INFO, ROW_COLUMNS, TRAINER_COLUMNS, MetricInfo
 from ..learn.rollout import Batch
 from .probe import PROBE_METRICS
 
@@ -23,6 +23,48 @@ EXTRA_METRICS = (
     "mean_time_censored", "td_loss", "epsilon", "dtw_s", "comm_s", "comm_bytes", "write_s", "ranks", "rss_mb_max",
     "external_change_max", "sed_cycle", "llm_cache_hits", "probe_s", *PROBE_METRICS,
 )  # fmt: skip
+
+# units and description of every EXTRA_METRICS column (the writer stores them as dataset attributes;
+# the schema's own columns are described in reled_hpc.io.schema.METRIC_INFO). A metric added above
+# without an entry here fails tests/test_h5io.py and the trainer's writer.
+_SED = "SED figure of the iteration's fresh expert episodes"
+EXTRA_METRIC_INFO: dict[str, MetricInfo] = {
+    "policy_loss": MetricInfo("1", "policy (actor) loss of the update, mean over minibatches"),
+    "value_loss": MetricInfo("1", "critic loss of the update (squared error in reward units), mean over minibatches"),
+    "entropy": MetricInfo("nat", "mean policy entropy over the update's samples"),
+    "approx_kl": MetricInfo("nat", "approximate KL divergence between the old and the updated policy"),
+    "bc_nll": MetricInfo("nat", "negative log-likelihood of the expert's actions under the policy (HPO term)"),
+    "decisions": MetricInfo("1", "agent decisions of the iteration, over all ranks"),
+    "bg_mean_travel_time": MetricInfo("s", "mean travel time of the background (non-agent) traffic"),
+    "expert_travel_time": MetricInfo("s", "mean travel time of the agents in the expert's episodes"),
+    "expert_arrival_rate": MetricInfo("1", "share of agents that arrived in the expert's episodes"),
+    "failed_rate": MetricInfo("1", "share of agents that failed (teleported or at a dead end)"),
+    "update_s": MetricInfo("s", "wall time of the learner's update"),
+    "rollout_s": MetricInfo("s", "wall time of the rollouts (the slowest rank)"),
+    "expert_s": MetricInfo("s", "wall time of the expert's episodes (the slowest rank)"),
+    "mean_time_censored": MetricInfo("s", "mean time per agent, unfinished agents counted to the episode's end"),
+    "td_loss": MetricInfo("1", "QMIX temporal-difference loss (squared error in reward units)"),
+    "epsilon": MetricInfo("1", "QMIX exploration rate"),
+    "dtw_s": MetricInfo("s", "wall time of the DTW computations (the slowest rank)"),
+    "comm_s": MetricInfo("s", "wall time of the iteration's MPI communication on rank 0"),
+    "comm_bytes": MetricInfo("byte", "bytes moved by MPI in the iteration"),
+    "write_s": MetricInfo("s", "wall time of writing the iteration to this dump"),
+    "ranks": MetricInfo("1", "MPI ranks of the run"),
+    "rss_mb_max": MetricInfo("MiB", "largest peak resident memory of a rank"),
+    "external_change_max": MetricInfo(
+        "1", f"{_SED}: largest measured return change of agents outside a subset, in RVI's units r_max / (1 - gamma)"
+    ),
+    "sed_cycle": MetricInfo("1", "1: a SED cycle ran in this iteration, 0: demonstrations reused, NaN: no SED"),
+    "llm_cache_hits": MetricInfo("1", "LLM answers served from the response cache in this iteration"),
+    "probe_s": MetricInfo("s", "wall time of the probe episodes (the slowest rank)"),
+    "probe_external_change": MetricInfo(
+        "1", "probe: |return change| of the agents outside the switched subset, in RVI's units r_max / (1 - gamma)"
+    ),
+    "probe_external_tt_change": MetricInfo("1", "probe: the same change as a share of their mean travel time"),
+    "route_churn": MetricInfo("1", "probe: share of agents whose greedy route changed since the previous probe"),
+}
+# every metrics/ column of a training run's dump
+ALL_METRIC_INFO: dict[str, MetricInfo] = {**METRIC_INFO, **EXTRA_METRIC_INFO}
 
 # SED's figures of a rank's expert episodes in one iteration (sed_stats)
 SED_KEYS = ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s", "external_change_max", "sed_cycle",

@@ -197,12 +197,16 @@ class Trainer:
             self.env_steps = state["env_steps"]
             self.wall_s = state["wall_s"]
             log.info("resuming %s from %s (iteration %d done)", run, ckpt.name, state["iteration"])
+        from .metrics import EXTRA_METRIC_INFO  # units/descriptions of the metrics/ datasets
+
         self.writer = TrajectoryWriter(
             run.dump,
             config_yaml=config_yaml(cfg),
             obs_dim=cfg.env.obs_dim,
             a_max=cfg.env.a_max,
             extra_metrics=EXTRA_METRICS,
+            metric_info=EXTRA_METRIC_INFO,
+            obs_features=cfg.env.obs_features,
             resume=resume and run.has_dump(),
             # iterations the dump holds beyond the checkpoint are redone: drop them first
             keep_through=self.start_iteration - 1,

@@ -163,17 +163,32 @@ def open_h5(path: str | Path, mode: str = "r", libver: Any = None) -> h5py.File:
         raise DumpError(f"{path}: cannot open HDF5 file ({exc}); is it truncated or damaged?") from exc
 
 
-def committed_metric_rows(metrics: h5py.Group) -> int:
-    """Number of committed metrics rows: the leading rows whose `iteration` cell is finite.
+def written_iterations(it: np.ndarray) -> np.ndarray:
+    """Which `metrics/iteration` cells were written: not the fill value (ITERATION_FILL in version 3,
+    NaN in the float64 column of versions 1-2)."""
+    return np.isfinite(it) if it.dtype.kind == "f" else it != S.ITERATION_FILL
 
-    The writer writes `metrics/iteration` (NaN fill) last, after flushing everything else.
+
+def committed_metric_rows(metrics: h5py.Group) -> int:
+    """Number of committed metrics rows: the leading rows whose `iteration` cell was written.
+
+    The writer writes `metrics/iteration` last, after flushing everything else.
     """
     n = min(ds.shape[0] for ds in metrics.values())
     if n == 0:
         return 0
-    it = metrics["iteration"][:n]  # one float per iteration: small
-    bad = np.flatnonzero(~np.isfinite(it))
+    it = metrics["iteration"][:n]  # one number per iteration: small
+    bad = np.flatnonzero(~written_iterations(it))
     return int(bad[0]) if bad.size else n
+
+
+def metrics_as_read(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """metrics/ columns with the types of version 3 whatever the file's version: `iteration` int32
+    (float64 before version 3, committed cells are whole numbers), every other column float64."""
+    out = dict(cols)
+    if "iteration" in out:
+        out["iteration"] = out["iteration"].astype(S.METRIC_ITERATION_DTYPE)
+    return out
 
 
 def first_row_after(iteration: h5py.Dataset, value: int, n: int) -> int:
@@ -311,11 +326,55 @@ class TrajectoryReader:
         if group not in allowed:
             raise self._err(f"group must be one of {tuple(allowed)}, got {group!r}")
 
+    def columns(self, group: str) -> tuple[str, ...]:
+        """The column names of `group`, as the reader returns them (for every schema version)."""
+        if group == S.METRICS_GROUP:
+            return S.metric_columns(self.extra_metrics)
+        self._check_group(group, (*S.ROW_GROUPS, S.PROGRAMS_GROUP))
+        return tuple(c.name for c in (S.PROGRAM_COLUMNS if group == S.PROGRAMS_GROUP else S.ROW_COLUMNS))
+
+    def _column_attr(self, group: str, name: str, key: str) -> str | None:
+        ds = self._f[group].get(name)
+        if ds is None or key not in ds.attrs:
+            return None
+        v = ds.attrs[key]
+        return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+    def _schema_info(self, group: str, name: str) -> S.MetricInfo:
+        """Units and description from the schema tables: files before version 3 have no attributes."""
+        if group == S.METRICS_GROUP:
+            return S.METRIC_INFO.get(name, S.MetricInfo("", f"not described in this file {S.NO_UNIT}"))
+        col = (S.PROGRAM_COLUMN_BY_NAME if group == S.PROGRAMS_GROUP else S.ROW_COLUMN_BY_NAME)[name]
+        return S.MetricInfo(col.units, col.description)
+
+    def units(self, group: str) -> dict[str, str]:
+        """{column: units} of `group` (the `units` attributes; the schema's units for older files)."""
+        return {n: self._column_attr(group, n, S.UNITS_ATTR) or self._schema_info(group, n).units
+                for n in self.columns(group)}  # fmt: skip
+
+    def descriptions(self, group: str) -> dict[str, str]:
+        """{column: description} of `group` (the `description` attributes, or the schema's)."""
+        return {n: self._column_attr(group, n, S.DESCRIPTION_ATTR) or self._schema_info(group, n).description
+                for n in self.columns(group)}  # fmt: skip
+
+    def feature_names(self, group: str, column: str) -> tuple[str, ...]:
+        """Names of the trailing entries of a 2-D column (`obs`, `action_mask`) of agent/ or expert/."""
+        self._check_group(group, S.ROW_GROUPS)
+        col = S.ROW_COLUMN_BY_NAME.get(column)
+        if col is None or not col.trailing:
+            raise self._err(f"{group}/{column} is not a 2-D column")
+        ds = self._f[group][column]
+        if S.FEATURES_ATTR in ds.attrs:
+            return tuple(x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+                         for x in ds.attrs[S.FEATURES_ATTR])  # fmt: skip
+        width = col.shape(self.obs_dim, self.a_max)[0]
+        return S.default_feature_names(width) if column == "obs" else S.candidate_names(width)
+
     # ------------------------------------------------------------------ data
     def metrics(self) -> dict[str, np.ndarray]:
-        """metrics/ columns (float64), committed iterations only."""
+        """metrics/ columns, committed iterations only: `iteration` int32, the others float64."""
         g = self._f[S.METRICS_GROUP]
-        return {name: g[name][: self._n_metrics] for name in S.metric_columns(self.extra_metrics)}
+        return metrics_as_read({name: g[name][: self._n_metrics] for name in S.metric_columns(self.extra_metrics)})
 
     def row_ranges(self, group: str, iterations: Iterable[int] | None = None) -> list[tuple[int, int]]:
         """[start, stop) row slices of `group` holding the committed `iterations` (None: all)."""
@@ -352,22 +411,34 @@ class TrajectoryReader:
         if chunk_rows < 1:
             raise self._err(f"chunk_rows must be >= 1, got {chunk_rows}")
         g = self._f[group]
+        by_name = S.PROGRAM_COLUMN_BY_NAME if group == S.PROGRAMS_GROUP else S.ROW_COLUMN_BY_NAME
         v1_programs = group == S.PROGRAMS_GROUP and self.schema_version < 2
-        stored = [c for c in cols if c != "rank"] + (["subset"] if "rank" in cols else []) if v1_programs else cols
+        # programs/ columns this file's version lacks are filled in: answer_bytes (-1: unknown), and
+        # version 1's rank, split out of subset
+        absent = {c for c in cols if c not in g} if group == S.PROGRAMS_GROUP else set()
+        stored = [c for c in cols if c not in absent]
+        if v1_programs and "rank" in cols and "subset" not in stored:
+            stored.append("subset")
         for start, stop in self.row_ranges(group, iterations):
             for lo in range(start, stop, chunk_rows):
                 hi = min(lo + chunk_rows, stop)
-                chunk = {c: self._read(g[c], lo, hi) for c in dict.fromkeys(stored)}
+                chunk = {c: self._read(g[c], lo, hi, by_name[c]) for c in stored}
                 if v1_programs and "subset" in chunk:
                     rank, chunk["subset"] = np.divmod(chunk["subset"], S.V1_RANK_STRIDE)
                     chunk["rank"] = rank.astype(np.int16)
+                for c in absent - chunk.keys():
+                    chunk[c] = np.full(hi - lo, by_name[c].fill, by_name[c].dtype)
                 yield {c: chunk[c] for c in cols}
 
     @staticmethod
-    def _read(ds: h5py.Dataset, lo: int, hi: int) -> np.ndarray:
+    def _read(ds: h5py.Dataset, lo: int, hi: int, col: S.Column) -> np.ndarray:
+        """Rows [lo, hi) as the column's type: str objects for strings, bool for the uint8 flags of version 3."""
         if h5py.check_string_dtype(ds.dtype) is not None:
             return np.array(ds.asstr()[lo:hi], dtype=object)
-        return ds[lo:hi]
+        arr = ds[lo:hi]
+        if arr.dtype == col.dtype:
+            return arr
+        return arr != 0 if col.dtype.kind == "b" else arr.astype(col.dtype)
 
     def read(
         self, group: str, columns: Sequence[str] | None = None, iterations: Iterable[int] | None = None

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from . import schema as S
-from .reader import Superblock, TrajectoryReader, first_row_after
+from .reader import Superblock, TrajectoryReader, first_row_after, metrics_as_read, written_iterations
 
 __all__ = ["PaddedFile", "SalvageReader", "cut_short", "global_heap_problems"]
 
@@ -194,7 +194,7 @@ def _readable_rows(ds: h5py.Dataset, eof: int) -> int:
 class SalvageReader(TrajectoryReader):
     """The committed iterations of a dump TrajectoryReader refuses (truncated, damaged) that are readable.
 
-    The reader's commit rule is kept (leading finite `metrics/iteration` cells, here also strictly
+    The reader's commit rule is kept (leading written `metrics/iteration` cells, here also strictly
     increasing), applied to the part of every metrics column that lies inside the file; rows are cut
     to whole iterations. Everything else (iter_chunks, schema-1 programs, ...) is TrajectoryReader's.
     `recovered` says what was kept; `uncommitted_rows` is empty (the rows left out are told there).
@@ -234,11 +234,11 @@ class SalvageReader(TrajectoryReader):
                 cols[name] = np.empty(0)
         k = min(len(a) for a in cols.values())
         it = cols["iteration"][:k]
-        ok = np.isfinite(it)
+        ok = written_iterations(it)
         ok[1:] &= np.diff(it) > 0  # iterations strictly increase; anything else is not data
         bad = np.flatnonzero(~ok)
         self._n_metrics = int(bad[0]) if bad.size else k
-        self._metrics = {name: a[: self._n_metrics] for name, a in cols.items()}
+        self._metrics = metrics_as_read({name: a[: self._n_metrics] for name, a in cols.items()})
         self._iterations = it[: self._n_metrics].astype(np.int64)
         last = int(self._iterations[-1]) if self._n_metrics else -1
         self._n: dict[str, int] = {}

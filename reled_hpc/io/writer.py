@@ -2,8 +2,9 @@
 
 Commit protocol (why a SIGKILL at any moment leaves every finished iteration readable):
 rows of iteration k are appended and flushed, then the metrics row of k is written in all
-metric columns but `iteration` and flushed, and last `metrics/iteration` (fill value NaN) is
-written and flushed. A metrics row whose `iteration` cell is finite therefore proves that all of
+metric columns but `iteration` and flushed, and last `metrics/iteration` (fill value
+schema.ITERATION_FILL; NaN in files before version 3) is written and flushed. A metrics row whose
+`iteration` cell holds an iteration therefore proves that all of
 the iteration's data reached the file; rows past the last such row are ignored by the reader and
 removed on resume. See docs/hdf5_schema.md for the measurements behind the file settings.
 """
@@ -28,6 +29,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DumpError
+from ..text import safe_text
 from . import schema as S
 from .reader import committed_metric_rows, first_row_after, open_h5
 
@@ -83,22 +85,31 @@ class TrajectoryWriter:
         obs_dim: int,
         a_max: int,
         extra_metrics: Sequence[str] = (),
+        metric_info: Mapping[str, tuple[str, str]] | None = None,
+        obs_features: Sequence[str] | None = None,
         resume: bool = False,
         keep_through: int | None = None,
     ) -> None:
-        """`keep_through` (with resume): also drop committed iterations after this one, e.g. those a
+        """`metric_info`: (units, description) of each extra metric, stored as its dataset's attributes;
+        when given it must cover every extra metric (None: their units are stored as unknown, "").
+        `obs_features`: the obs_dim feature names (EnvConfig.obs_features), obs's `feature_names`.
+        `keep_through` (with resume): also drop committed iterations after this one, e.g. those a
         run finished after its last checkpoint, which the resumed run will redo."""
         self.path = Path(path)
         self._keep_through = keep_through
         self.obs_dim = int(obs_dim)
         self.a_max = int(a_max)
-        self.extra_metrics = tuple(str(m) for m in extra_metrics)
+        self.extra_metrics = tuple(safe_text(str(m)) for m in extra_metrics)
         if self.obs_dim < 1 or self.a_max < 1:
             raise DumpError(f"{self.path}: obs_dim and a_max must be >= 1, got {obs_dim}, {a_max}")
         clash = set(self.extra_metrics) & set(S.METRIC_COLUMNS)
         if clash or len(set(self.extra_metrics)) != len(self.extra_metrics):
             raise DumpError(f"{self.path}: extra_metrics repeat a metric column: {sorted(clash) or self.extra_metrics}")
         self.metric_names = S.metric_columns(self.extra_metrics)
+        self._metric_info = self._resolve_metric_info(metric_info)
+        self.obs_features = S.default_feature_names(self.obs_dim) if obs_features is None else tuple(obs_features)
+        if len(self.obs_features) != self.obs_dim:
+            raise DumpError(f"{self.path}: {len(self.obs_features)} obs_features for obs_dim {self.obs_dim}")
         self._pending: int | None = None  # iteration of rows appended since the last commit
         self._f: h5py.File | None = None
         if resume:
@@ -121,6 +132,31 @@ class TrajectoryWriter:
                 raise DumpError(f"{self.path}: cannot start SWMR writing: {exc}") from exc
 
     # ------------------------------------------------------------------ file setup
+    def _resolve_metric_info(self, info: Mapping[str, tuple[str, str]] | None) -> dict[str, S.MetricInfo]:
+        """(units, description) of every metrics column: the schema's, then the caller's for the extras."""
+        out = dict(S.METRIC_INFO)
+        if info is None:
+            unknown = S.MetricInfo("", f"not described by the writer's caller {S.NO_UNIT}")
+            out.update(dict.fromkeys(self.extra_metrics, unknown))
+            return out
+        missing = [m for m in self.extra_metrics if m not in info]
+        if missing:
+            raise DumpError(f"{self.path}: metric_info gives no units for extra metrics {missing}")
+        for m in self.extra_metrics:
+            units, description = info[m]
+            out[m] = S.MetricInfo(str(units), str(description))
+        return out
+
+    @staticmethod
+    def _describe(ds: h5py.Dataset, units: str, description: str, features: Sequence[str] | None = None) -> None:
+        ds.attrs[S.UNITS_ATTR] = safe_text(units)
+        ds.attrs[S.DESCRIPTION_ATTR] = safe_text(description)
+        if features is not None:
+            ds.attrs[S.FEATURES_ATTR] = np.array([safe_text(x) for x in features], dtype=S.VLEN_STR)
+
+    def _features(self, name: str) -> tuple[str, ...] | None:
+        return {"obs": self.obs_features, "action_mask": S.candidate_names(self.a_max)}.get(name)
+
     def _create(self, config_yaml: str) -> h5py.File:
         if self.path.exists():
             raise DumpError(f"{self.path}: exists; pass resume=True to continue that run or remove it")
@@ -130,7 +166,7 @@ class TrajectoryWriter:
         except OSError as exc:
             raise DumpError(f"{self.path}: cannot create HDF5 file: {exc}") from exc
         f.attrs["schema_version"] = S.SCHEMA_VERSION
-        f.attrs["config"] = config_yaml
+        f.attrs["config"] = safe_text(config_yaml)
         f.attrs["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         f.attrs["package_version"] = __version__
         f.attrs["obs_dim"] = self.obs_dim
@@ -141,21 +177,30 @@ class TrajectoryWriter:
             grp = f.create_group(g)
             for c in S.ROW_COLUMNS:
                 tail = c.shape(self.obs_dim, self.a_max)
-                grp.create_dataset(
+                ds = grp.create_dataset(
                     c.name,
                     shape=(0, *tail),
                     maxshape=(None, *tail),
-                    dtype=c.dtype,
+                    dtype=c.storage,
                     chunks=(S.CHUNK_ROWS, *tail),
                     fillvalue=c.fill,
                     **comp,
                 )
+                self._describe(ds, c.units, c.description, self._features(c.name))
         grp = f.create_group(S.METRICS_GROUP)
         for name in self.metric_names:
-            # NaN fill: a metrics row whose cells never reached the disk reads as uncommitted
-            grp.create_dataset(
-                name, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(S.SMALL_CHUNK_ROWS,), fillvalue=np.nan
+            # iteration: an integer whose fill (never a real iteration) marks a row whose commit never
+            # reached the disk; the other metrics: NaN fill, as for a metric that does not apply
+            is_it = name == "iteration"
+            ds = grp.create_dataset(
+                name,
+                shape=(0,),
+                maxshape=(None,),
+                dtype=S.METRIC_ITERATION_DTYPE if is_it else np.float64,
+                chunks=(S.SMALL_CHUNK_ROWS,),
+                fillvalue=S.ITERATION_FILL if is_it else np.nan,
             )
+            self._describe(ds, *self._metric_info[name])
         grp = f.create_group(S.PROGRAMS_GROUP)
         for c in S.PROGRAM_COLUMNS:
             if c.dtype == S.VLEN_STR:
@@ -164,7 +209,8 @@ class TrajectoryWriter:
                 extra: dict[str, Any] = {"chunks": (1,)}
             else:
                 extra = {"chunks": (S.SMALL_CHUNK_ROWS,), "fillvalue": c.fill, **comp}
-            grp.create_dataset(c.name, shape=(0,), maxshape=(None,), dtype=c.dtype, **extra)
+            ds = grp.create_dataset(c.name, shape=(0,), maxshape=(None,), dtype=c.storage, **extra)
+            self._describe(ds, c.units, c.description)
         f.flush()
         return f
 
@@ -280,7 +326,8 @@ class TrajectoryWriter:
             raise DumpError(f"{group}/: missing columns {missing}, unknown columns {unknown}")
         cols: dict[str, np.ndarray] = {}
         for c in S.ROW_COLUMNS:
-            cols[c.name] = _coerce(f"{group}/{c.name}", rows[c.name], c.dtype, c.shape(self.obs_dim, self.a_max))
+            arr = _coerce(f"{group}/{c.name}", rows[c.name], c.dtype, c.shape(self.obs_dim, self.a_max))
+            cols[c.name] = arr.view(c.storage) if c.storage != c.dtype else arr  # bool -> uint8 0/1, no copy
         lengths = {name: len(a) for name, a in cols.items()}
         n = lengths["iteration"]
         if len(set(lengths.values())) != 1:
@@ -330,8 +377,10 @@ class TrajectoryWriter:
                 raise DumpError(f"programs/ row {i}: missing keys {missing}, unknown keys {unknown}")
             for c in S.PROGRAM_COLUMNS:
                 v = row.get(c.name, default_it if c.name == "iteration" else S.PROGRAM_DEFAULTS.get(c.name))
-                if c.dtype == S.VLEN_STR and not isinstance(v, str):
-                    raise DumpError(f"programs/{c.name} row {i}: expected str, got {type(v).__name__}")
+                if c.dtype == S.VLEN_STR:
+                    if not isinstance(v, str):
+                        raise DumpError(f"programs/{c.name} row {i}: expected str, got {type(v).__name__}")
+                    v = safe_text(v)  # lone surrogates would raise UnicodeEncodeError, NUL cut the string
                 values[c.name].append(v)
         cols: dict[str, np.ndarray] = {}
         for c in S.PROGRAM_COLUMNS:
@@ -342,7 +391,8 @@ class TrajectoryWriter:
                     raw = np.asarray(values[c.name])
                 except (TypeError, ValueError) as exc:
                     raise DumpError(f"programs/{c.name}: {exc}") from exc
-                cols[c.name] = _coerce(f"programs/{c.name}", raw, c.dtype, ())
+                arr = _coerce(f"programs/{c.name}", raw, c.dtype, ())
+                cols[c.name] = arr.view(c.storage) if c.storage != c.dtype else arr
         self._claim_iteration(cols["iteration"], "programs/iteration")
         n = len(rows)
         self._check_room(sum(a.nbytes if a.dtype != S.VLEN_STR else sum(map(len, a)) * 4 for a in cols.values()))
@@ -389,7 +439,7 @@ class TrajectoryWriter:
             self._fsync()
             self._append(grp, n0, {k: np.array([v]) for k, v in row.items() if k != "iteration"}, 1)
             f.flush()  # 2) the metrics row
-            self._append(grp, n0, {"iteration": np.array([row["iteration"]])}, 1)
+            self._append(grp, n0, {"iteration": np.array([it], S.METRIC_ITERATION_DTYPE)}, 1)
             f.flush()  # 3) the commit marker
             self._fsync()
         self._n_metrics += 1
