@@ -23,9 +23,11 @@ from reled_hpc.learn.rollout import COLUMNS
 from reled_hpc.llm.client import LLMClient
 from reled_hpc.llm.server import EmbeddedServer, free_port
 from reled_hpc.sim.env import EnvConfig, NavigationEnv
+from reled_hpc.text import is_safe
 
 SEED = 3
-PROGRAM_KEYS = {c.name for c in PROGRAM_COLUMNS} - {"iteration", "rank"}  # the trainer adds both
+# the trainer adds iteration and rank; answer_bytes: the expert's since issue 16 (whatever the schema says)
+PROGRAM_KEYS = ({c.name for c in PROGRAM_COLUMNS} | {"answer_bytes"}) - {"iteration", "rank"}
 SHORTEST = """Here is the plan.
 
 ```python
@@ -194,6 +196,61 @@ def test_outage_falls_back_without_crashing(env, caplog):
     _check_batch(batch, env)
     assert stats["execution_rate"] == 0.0 and "unavailable" in stats["error"] and stats["programs"] == []
     assert "unavailable" in caplog.text
+
+
+HOSTILE = "NUL \x00, ANSI \x1b[2J\x1b[31m, lone \ud800 and \udfff, bell \x07, C1 \x9b, CR \r"
+
+
+def test_huge_hostile_answers_reach_rows_and_prompts_capped_and_safe_with_one_warning_per_cycle(env, caplog):
+    """A 10 MB answer without a program, full of NULs, ANSI escapes and lone surrogates: every program
+    row (what the trainer writes to HDF5) is valid UTF-8 under the cap with the real size recorded, the
+    feedback prompt built from it is safe, and the console gets ONE line per cycle, not one per answer."""
+    reply = "I cannot write code today. " + HOSTILE + " " + "y" * 10_000_000
+    size = len(reply.encode("utf-8", "surrogatepass"))
+    srv = FakeOpenAI(reply)
+    try:
+        client = srv.client()
+        expert = LLMExpert(client, SEDConfig(m=2, r_max_rounds=2))
+        with caplog.at_level("WARNING", logger="reled_hpc.expert.llm_expert"):
+            _, stats = expert.demonstrate(env, SEED, episode=0)
+            _, stats2 = expert.demonstrate(env, SEED + 1, episode=1)
+    finally:
+        srv.close()
+    _check_programs(stats["programs"])
+    assert len(stats["programs"]) == 4 and stats["execution_rate"] == 0.0
+    for p in stats["programs"] + stats2["programs"]:
+        assert p["answer_bytes"] == size and not p["executed"]
+        for key in ("text", "error"):
+            assert is_safe(p[key]) and "\x1b" not in p[key] and "\x00" not in p[key]
+            p[key].encode("utf-8")  # what HDF5 needs; raised UnicodeEncodeError on lone surrogates before
+        assert len(p["text"].encode("utf-8")) <= client.max_answer_bytes and p["text"].endswith(" bytes cut]")
+        assert p["text"].startswith("I cannot write code today.")
+    # round 2's requests carry the feedback built from the bad answers
+    feedback = [b["messages"][-1]["content"] for b in srv.bodies if "### FEEDBACK" in b["messages"][-1]["content"]]
+    assert len(feedback) == 4 and all(is_safe(f) and len(f.encode("utf-8")) < 64_000 for f in feedback)
+    lines = [r.getMessage() for r in caplog.records if "gave no valid plan" in r.getMessage()]
+    assert len(lines) == 2, lines  # 2 cycles x 2 subsets x 2 rounds of bad answers: one line per cycle
+    assert (
+        lines[0].startswith(f"SED cycle {SEED}: 4 of 4 LLM answers gave no valid plan (4 cut to the answer cap)")
+        and f"SED cycle {SEED + 1}:" in lines[1]
+    )
+    assert "syntax" in lines[0] and "I cannot write code today." in lines[0] and is_safe(lines[0])
+    excerpt = lines[0].split("answer: ", 1)[1]
+    assert len(excerpt.encode("utf-8")) < 400  # ~300 bytes of the answer, quoted
+
+
+def test_hostile_characters_inside_a_working_program_are_replaced_and_it_still_runs(env, caplog):
+    reply = SHORTEST.replace("    routes = {}", "    routes = {}  # " + HOSTILE)
+    srv = FakeOpenAI(reply)
+    try:
+        with caplog.at_level("WARNING", logger="reled_hpc.expert.llm_expert"):
+            _, stats = LLMExpert(srv.client(), SEDConfig(m=2, r_max_rounds=1)).demonstrate(env, SEED, episode=0)
+    finally:
+        srv.close()
+    assert stats["execution_rate"] == 1.0 and "gave no valid plan" not in caplog.text
+    for p in stats["programs"]:
+        assert p["executed"] and is_safe(p["text"]) and "\ufffd" in p["text"] and "def plan(api):" in p["text"]
+        assert p["answer_bytes"] == len(reply.encode("utf-8", "surrogatepass"))
 
 
 def test_config_validation_and_occupancy_units():

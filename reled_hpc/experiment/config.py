@@ -43,8 +43,7 @@ class LLMConfig:
     max_answer_bytes: int = 65536
     """Cap on each LLM answer in UTF-8 bytes (> 0) before it is parsed, cached or stored; a plan program is <= 20 kB."""
     on_unavailable: Literal["fallback", "error"] = "fallback"
-    """No LLM answers (dead URL, endpoint file missing after wait_s): 'fallback' trains on with the fallback
-    demonstration and retries every cycle; 'error' stops the run."""
+    """No answer (dead URL, no endpoint file after wait_s): 'fallback' demonstration, retried each cycle, or 'error'."""
 
     def validate(self, where: str = "llm") -> None:
         require(self.n_ctx >= 1024, f"{where}.n_ctx", "must be >= 1024 (plan prompts are ~2k tokens)")

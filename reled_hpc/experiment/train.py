@@ -157,10 +157,8 @@ class Trainer:
                 log.info("SED LLM endpoint: %s (model %s, %s)", ep.base_url, ep.model, ep.backend)
         ep = self.comm.bcast_obj(ep)
         cache = ResponseCache() if llm.cache else None
-        if ep is None:
-            client: Any = DeferredClient(llm.endpoint, llm.model, timeout_s=llm.timeout_s, cache=cache)
-        else:
-            client = ep.client(timeout_s=llm.timeout_s, cache=cache)
+        kw = {"timeout_s": llm.timeout_s, "cache": cache, "max_answer_bytes": llm.max_answer_bytes}
+        client: Any = DeferredClient(llm.endpoint, llm.model, **kw) if ep is None else ep.client(**kw)
         return LLMExpert(client, self.cfg.sed, seed=expert_seed(self.cfg, self.rank))
 
     def _expert_key(self) -> str:

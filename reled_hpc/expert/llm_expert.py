@@ -21,9 +21,10 @@ import numpy as np
 from ..finite import finite_max
 from ..learn.rollout import Actor, Batch, collect_episode
 from ..llm import LLMError, LLMUnavailable
-from ..llm.client import Completion, LLMClient, Request
+from ..llm.client import DEFAULT_MAX_ANSWER_BYTES, Completion, LLMClient, Request
 from ..sim.env import NavigationEnv
 from ..sim.policies import RouteActor
+from ..text import safe_text
 from .base import PolicyLogProbs
 from .config import SEDConfig
 from .indices import measured_external_change, pdi, plan_preference, rvi, smoothed_expert_policy
@@ -40,6 +41,9 @@ from .prompts import (
 from .sandbox import SandboxResult, run_program, snapshot_from
 
 log = logging.getLogger(__name__)
+
+ROW_ERROR_BYTES = 4096  # a program row's error text (a sandbox traceback, an LLM request error)
+EXCERPT_BYTES = 300  # of the first bad answer, on the console once per cycle
 
 
 @dataclass
@@ -141,6 +145,8 @@ class LLMExpert:
         tokens = [0, 0]
         cache_hits = 0
         rounds = 0
+        bad: list[_Plan] = []  # answers that gave no valid plan, for one console line per cycle
+        n_answers = 0
         drive: tuple[Batch, dict[str, Any], list[bool], dict[str, list[int]]] | None = None
         for rnd in range(1, cfg.r_max_rounds + 1):
             try:
@@ -159,6 +165,9 @@ class LLMExpert:
                     tokens[1] += plan.completion.completion_tokens
                     cache_hits += int(plan.completion.cached)
                     results.append(plan.result)  # generated programs only: a failed request generated none
+                    n_answers += 1
+                    if not plan.result.executed:
+                        bad.append(plan)
                 last[k] = plan
             # one drive scores every subset's current plan (each subset from its own rows)
             current = {k: (last[k] if k in pending else best[k]) for k in range(len(subsets))}
@@ -180,6 +189,7 @@ class LLMExpert:
             if not pending:
                 break
 
+        self._warn_bad_answers(seed, bad, n_answers)
         accepted = [p for p in best if p is not None]
         final_routes = [p.routes for p in accepted]
         if drive is None or drive[3] != self._route_index(env, final_routes):
@@ -240,12 +250,15 @@ class LLMExpert:
         if isinstance(ans, BaseException):
             if not isinstance(ans, LLMError):
                 raise ans
-            res = SandboxResult(None, f"LLM request failed: {ans}", "llm_error", 0.0)
+            res = SandboxResult(None, safe_text(f"LLM request failed: {ans}", ROW_ERROR_BYTES), "llm_error", 0.0)
             return _Plan(rnd, messages, "", res, None)
+        # the client caps and cleans answers; again here, so no client (a DeferredClient, a stand-in)
+        # can hand the dump a raw one
+        text = safe_text(ans.text, getattr(self.client, "max_answer_bytes", DEFAULT_MAX_ANSWER_BYTES))
         try:
-            source = program_from_reply(ans.text, cfg.mode, self._schema)
+            source = program_from_reply(text, cfg.mode, self._schema)
         except ReplyFormatError as e:
-            return _Plan(rnd, messages, ans.text, failed_reply_result(e), ans)
+            return _Plan(rnd, messages, text, failed_reply_result(e), ans)
         res = run_program(source, snap, cpu_s=cfg.cpu_s, wall_s=cfg.wall_s, mem_mb=cfg.mem_mb)
         return _Plan(rnd, messages, source, res, ans)
 
@@ -320,6 +333,21 @@ class LLMExpert:
             p.pdi, p.rvi = d.value, r.value
             p.drivers = {"RVI": r.per_agent, "PDI": d.per_agent}
 
+    @staticmethod
+    def _warn_bad_answers(cycle: int, bad: list[_Plan], n_answers: int) -> None:
+        """One console line per cycle for the answers that gave no valid plan (the programs group has them
+        all): how many, and the first one's reason and start, so a broken prompt or server shows at once."""
+        if not bad:
+            return
+        first = bad[0]
+        answer = first.completion.text if first.completion is not None else first.text
+        excerpt = " ".join(safe_text(answer, EXCERPT_BYTES).split())  # one line: newlines would break the log
+        error = " ".join(safe_text(first.result.error or "", EXCERPT_BYTES).split())
+        cut = sum(1 for p in bad if p.completion is not None and p.completion.cut)
+        log.warning("SED cycle %d: %d of %d LLM answers gave no valid plan%s; first (round %d): %s: %s; answer: %r",
+                    cycle, len(bad), n_answers, f" ({cut} cut to the answer cap)" if cut else "", first.round,
+                    first.result.reason, error, excerpt)  # fmt: skip
+
     def _needs_revision(self, p: _Plan | None) -> bool:
         if p is None:
             return False  # its request never got an answer: nothing to revise
@@ -354,12 +382,13 @@ class LLMExpert:
             "cycle": int(cycle),
             "subset": int(subset),
             "round": int(p.round),
-            "text": p.text,
+            "text": safe_text(p.text),  # capped in _run; safe_text again: HDF5 takes valid UTF-8 only
             "executed": bool(p.result.executed),
-            "error": p.result.error or "",
+            "error": safe_text(p.result.error, ROW_ERROR_BYTES),
             "rvi": float(p.rvi),
             "pdi": float(p.pdi),
             "latency_s": float(c.latency_s) if c is not None else math.nan,
             "prompt_tokens": int(c.prompt_tokens) if c is not None else -1,
             "completion_tokens": int(c.completion_tokens) if c is not None else -1,
+            "answer_bytes": int(c.answer_bytes) if c is not None else -1,  # UTF-8 size before the cap; -1: none
         }

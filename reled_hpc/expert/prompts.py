@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import ReledError
+from ..text import safe_text
 from .sandbox import SandboxResult
 
 __all__ = [
@@ -537,7 +538,9 @@ def build_feedback_messages(
         if top:
             driver_lines.append(f"{_canon(k)}: " + ", ".join(f"{a} ({_fmt(c)})" for a, c in top))
 
-    errs = [str(e).strip().replace("\n", " ")[:MAX_ERROR_CHARS] for e in errors if str(e).strip()]
+    # safe_text: errors and the answer come from the LLM or its program (NULs, escapes, lone surrogates)
+    errs = [safe_text(e, 4 * MAX_ERROR_CHARS).strip().replace("\n", " ")[:MAX_ERROR_CHARS] for e in errors]
+    errs = [e for e in errs if e]
     more = len(errs) - MAX_ERRORS_SHOWN
     error_lines = errs[:MAX_ERRORS_SHOWN] + ([f"... and {more} more"] if more > 0 else [])
 
@@ -551,7 +554,7 @@ def build_feedback_messages(
     else:
         verdict = "It ran and every index is within its threshold."
 
-    text = program_text.strip()
+    text = safe_text(program_text).strip()
     truncated = len(text) > MAX_PROGRAM_CHARS
     is_json = text.startswith("{")
     section = Template(load_template("feedback.txt", template_version)).substitute(

@@ -17,9 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..text import safe_text
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the entry layout changes: old entries then simply miss
+# An entry holds one capped answer (LLMClient.max_answer_bytes); a larger file is from before the cap
+# or not ours: a miss, not a read of megabytes.
+MAX_ENTRY_BYTES = 4 * 1024 * 1024
 
 
 def default_cache_dir() -> Path:
@@ -65,6 +70,9 @@ class ResponseCache:
             return None
         path = self._path(key)
         try:
+            size = path.stat().st_size
+            if size > MAX_ENTRY_BYTES:
+                raise ValueError(f"{size} bytes, over {MAX_ENTRY_BYTES}")
             entry = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("text"), str):
                 raise ValueError("not a cache entry of this key")
@@ -87,7 +95,8 @@ class ResponseCache:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({**entry, "key": key}, f, ensure_ascii=False)
+                    # safe_text: a lone surrogate would raise UnicodeEncodeError here (the client caps the size)
+                    json.dump({**entry, "text": safe_text(entry.get("text")), "key": key}, f, ensure_ascii=False)
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

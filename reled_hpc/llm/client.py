@@ -16,6 +16,9 @@ tested) instead of the SDK's hidden one. See docs/llm.md.
   socket timeout, which a server sending a byte now and then would reset forever; a watchdog thread
   closes the socket when it passes, and logs while an answer takes long.
 - Token/latency totals per client: `stats()`.
+- Answers are capped at `max_answer_bytes` (UTF-8) and made safe (`reled_hpc.text.safe_text`) before
+  they are parsed, cached or returned; the HTTP body is read into memory only up to a bound derived
+  from the cap, the rest of an oversized answer is counted, not kept (`Completion.answer_bytes`, `.cut`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -34,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..text import cut_marker, safe_text
 from . import LLMRequestError, LLMUnavailable
 from .cache import ResponseCache
 from .structured import Messages, StructuredAdapter, StructuredResult, get_adapter, parse_structured
@@ -42,6 +47,11 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({408, 429})  # plus every 5xx
 WAIT_LOG_S = 30.0  # a line in the log this often while one answer is awaited
+DEFAULT_MAX_ANSWER_BYTES = 64 * 1024  # a plan program is <= 20 kB (sandbox.MAX_SOURCE_BYTES)
+# JSON may spell each answer byte as up to 6 (\u0001; a 3-byte character as \uXXXX); plus the
+# envelope (id, usage, finish_reason, ...). A body over 6 * cap + this is read past, not kept.
+BODY_OVERHEAD_BYTES = 64 * 1024
+DRAIN_LIMIT_BYTES = 256 * 1024 * 1024  # stop counting an oversized answer here (a lower bound then)
 
 
 class LLMTimeout(LLMUnavailable):
@@ -67,6 +77,8 @@ class Completion:
     finish_reason: str | None = None
     attempts: int = 1  # HTTP attempts made (0 for a cache hit)
     structured: StructuredResult | None = None  # set when a json_schema was given
+    answer_bytes: int = -1  # the answer's size in UTF-8 bytes as the server sent it, before the cap
+    cut: bool = False  # `text` is the answer cut to max_answer_bytes (it ends with safe_text's marker)
 
     @property
     def json(self) -> Any:
@@ -112,12 +124,16 @@ class LLMClient:
         cache: ResponseCache | None = None,
         structured: str | StructuredAdapter = "vllm",
         api_key: str | None = None,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ):
         """endpoint: base URL ending in /v1 (e.g. http://gpu01:8000/v1). timeout_s bounds one HTTP
         attempt as a whole (connect, time queued on the server, the entire answer); the retries bound the
         total at (max_retries + 1) * timeout_s plus the backoff sleeps. structured: 'vllm', 'llama_cpp'/'embedded',
         'none' or an adapter. The api key defaults to $OPENAI_API_KEY (vLLM --api-key); none is sent
-        otherwise."""
+        otherwise. max_answer_bytes caps every answer's text (UTF-8 bytes, safe_text's cut marker
+        included) and bounds the HTTP body kept in memory (6 * cap + BODY_OVERHEAD_BYTES)."""
+        if max_answer_bytes <= 0:
+            raise ValueError(f"max_answer_bytes must be > 0, got {max_answer_bytes}")
         self.endpoint = endpoint.rstrip("/")
         self.model = model
         self.timeout_s = timeout_s
@@ -128,6 +144,8 @@ class LLMClient:
         self.cache = cache
         self.adapter = get_adapter(structured)
         self._api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.max_answer_bytes = int(max_answer_bytes)
+        self.max_body_bytes = 6 * self.max_answer_bytes + BODY_OVERHEAD_BYTES
         self._gate = threading.BoundedSemaphore(self.max_concurrency)
         self._stats = _Stats()
 
@@ -168,28 +186,31 @@ class LLMClient:
                 schema=json_schema,
                 backend=self.adapter.name,
             )
-            hit = self.cache.get(key)
+            hit = self._cached(key)
             if hit is not None:
                 with self._stats.lock:
                     self._stats.cache_hits += 1
+                text, cut, size = self._cap(hit["text"])
                 return self._finish(
                     Completion(
-                        text=hit["text"],
+                        text=text,
                         prompt_tokens=int(hit.get("prompt_tokens", 0)),
                         completion_tokens=int(hit.get("completion_tokens", 0)),
                         latency_s=time.perf_counter() - t0,
                         cached=True,
                         finish_reason=hit.get("finish_reason"),
                         attempts=0,
+                        answer_bytes=_int(hit.get("answer_bytes"), size),
+                        cut=cut or bool(hit.get("cut")),
                     ),
                     json_schema,
                 )
 
-        data, attempts = self._post_with_retries("/chat/completions", body)
+        data, attempts, oversized = self._post_with_retries("/chat/completions", body)
         latency = time.perf_counter() - t0
         try:
             choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
+            text, cut, size = self._cap(choice["message"].get("content") or "", oversized)
             usage = data.get("usage") or {}
             comp = Completion(
                 text=text,
@@ -199,12 +220,18 @@ class LLMClient:
                 cached=False,
                 finish_reason=choice.get("finish_reason"),
                 attempts=attempts,
+                answer_bytes=size,
+                cut=cut,
             )
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise LLMRequestError(
                 f"{self.endpoint}/chat/completions answered something that is not a chat completion "
                 f"({type(exc).__name__}: {exc}): {json.dumps(data)[:300]}"
             ) from None
+        if comp.cut:
+            # info: SED's console line per cycle says what failed; programs/answer_bytes keeps the size
+            log.info("LLM %s: answer of %d bytes cut to max_answer_bytes=%d", self.endpoint, comp.answer_bytes,
+                        self.max_answer_bytes)  # fmt: skip
         with self._stats.lock:
             s = self._stats
             s.server_calls += 1
@@ -215,12 +242,15 @@ class LLMClient:
             self.cache.put(
                 key,
                 {
-                    "text": comp.text,
+                    "text": comp.text,  # capped and safe: the cache never holds more than the cap
                     "prompt_tokens": comp.prompt_tokens,
                     "completion_tokens": comp.completion_tokens,
                     "finish_reason": comp.finish_reason,
                     "latency_s": latency,
                     "model": self.model,
+                    "answer_bytes": comp.answer_bytes,
+                    "cut": comp.cut,
+                    "max_answer_bytes": self.max_answer_bytes,
                 },
             )
         return self._finish(comp, json_schema)
@@ -253,7 +283,7 @@ class LLMClient:
 
     def models(self) -> list[str]:
         """Model ids the server serves (GET /v1/models); a cheap liveness probe."""
-        data, _ = self._request_with_retries("GET", "/models", None)
+        data, _, _ = self._request_with_retries("GET", "/models", None)
         return [m.get("id", "") for m in data.get("data", [])]
 
     def stats(self) -> dict[str, Any]:
@@ -277,6 +307,32 @@ class LLMClient:
         return out
 
     # ---- internals -----------------------------------------------------------------------------
+    def _cap(self, text: Any, size: int | None = None) -> tuple[str, bool, int]:
+        """(safe text of at most max_answer_bytes, whether it was cut, the original size in bytes). size:
+        the answer's real size when `text` is only its start (an oversized body)."""
+        if not isinstance(text, str):
+            text = "" if text is None else str(text)
+        have = _utf8_size(text)
+        size = have if size is None else size
+        safe = safe_text(text)  # a replaced control character grows from 1 to 3 bytes: cap what is stored
+        raw = safe.encode("utf-8")
+        if len(raw) <= self.max_answer_bytes and size == have:
+            return safe, False, size
+        room = self.max_answer_bytes - len(cut_marker(size).encode("utf-8"))
+        if room < 0:  # a cap too small for the marker
+            return safe_text(safe, self.max_answer_bytes), True, size
+        kept = raw[:room].decode("utf-8", "ignore")  # "ignore": drop a character split by the cut
+        # the marker counts from the answer as sent, not from the part of it that was read
+        return kept + cut_marker(max(0, size - len(kept.encode("utf-8")))), True, size
+
+    def _cached(self, key: str) -> dict[str, Any] | None:
+        """The cache entry, unless it was cut under a smaller cap than this client's (then ask again)."""
+        assert self.cache is not None
+        hit = self.cache.get(key)
+        if hit is not None and hit.get("cut") and _int(hit.get("max_answer_bytes"), 0) < self.max_answer_bytes:
+            return None
+        return hit
+
     def _finish(self, comp: Completion, schema: dict[str, Any] | None) -> Completion:
         if schema is not None:
             comp.structured = parse_structured(comp.text, schema)
@@ -285,10 +341,13 @@ class LLMClient:
                     self._stats.invalid_structured += 1
         return comp
 
-    def _post_with_retries(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    def _post_with_retries(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], int, int | None]:
         return self._request_with_retries("POST", path, body)
 
-    def _request_with_retries(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[dict[str, Any], int]:
+    def _request_with_retries(
+        self, method: str, path: str, body: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], int, int | None]:
+        """(answer, attempts, answer bytes of an oversized answer that was cut while read, else None)."""
         url = self.endpoint + path
         t0 = time.monotonic()
         last, timed_out = "", False
@@ -301,7 +360,8 @@ class LLMClient:
                 time.sleep(delay)
             try:
                 with self._gate:
-                    return self._request_once(method, url, body), attempt + 1
+                    data, oversized = self._request_once(method, url, body)
+                    return data, attempt + 1, oversized
             except _Retryable as exc:
                 last, timed_out = str(exc), exc.timeout
         with self._stats.lock:
@@ -312,10 +372,12 @@ class LLMClient:
             "(reled-hpc serve-llm, or the vLLM job) and is the endpoint file current?"
         )
 
-    def _request_once(self, method: str, url: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    def _request_once(self, method: str, url: str, body: dict[str, Any] | None) -> tuple[dict[str, Any], int | None]:
         """One HTTP attempt under a deadline of timeout_s over all of it. http.client directly (never a
         proxy: cluster and loopback endpoints must not go through an http_proxy from the environment), so
-        the watchdog can reach the socket; urllib hides it until the headers are in."""
+        the watchdog can reach the socket; urllib hides it until the headers are in. At most
+        max_body_bytes of the body are kept: past that, an _OversizedAnswer keeps the answer's first
+        max_answer_bytes and counts the rest; the second value is then that count, else None."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -343,15 +405,25 @@ class LLMClient:
         try:
             conn.request(method, target, body=data, headers=headers)
             resp = conn.getresponse()
-            chunks = []
+            kept = bytearray()
+            big: _OversizedAnswer | None = None
             while chunk := resp.read1(65536):  # returns per arrival, so a trickle meets the deadline check
-                chunks.append(chunk)
+                if big is not None:
+                    big.feed(chunk)
+                else:
+                    kept += chunk
+                    if len(kept) > self.max_body_bytes:  # from here on keep only what the cap allows
+                        big = _OversizedAnswer(self.max_answer_bytes)
+                        big.feed(bytes(kept))
+                        kept = bytearray()
                 if time.monotonic() > deadline:
                     raise TimeoutError
-            raw, status, reason = b"".join(chunks), resp.status, resp.reason
+                if big is not None and big.done:  # the rest is not needed: do not read it
+                    break
+            raw, status, reason = bytes(kept) if big is None else big.head, resp.status, resp.reason
             if expired.is_set():  # the watchdog's shutdown reads as an end of file
                 raise TimeoutError
-            if resp.length:  # the server closed before the Content-Length it announced (read() raises this too)
+            if resp.length and big is None:  # the server closed before the Content-Length it announced
                 raise http.client.IncompleteRead(raw, resp.length)
         except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
             if expired.is_set() or time.monotonic() >= deadline:
@@ -373,13 +445,152 @@ class LLMClient:
             raise LLMRequestError(
                 f"{url} rejected the request with HTTP {status} (not retried): {detail}", status=status
             )
+        if big is not None:
+            if big.read >= DRAIN_LIMIT_BYTES:
+                log.warning("LLM %s: answer body over %d bytes: stopped reading it", url, DRAIN_LIMIT_BYTES)
+            return big.result(url), big.answer_bytes
         try:
             out = json.loads(raw)
         except ValueError:
             raise LLMRequestError(f"{url} answered non-JSON: {raw[:200]!r}") from None
         if not isinstance(out, dict):
             raise LLMRequestError(f"{url} answered JSON that is not an object: {raw[:200]!r}")
-        return out
+        return out, None
+
+
+# ---- an answer too large to keep ---------------------------------------------------------------------
+_CONTENT = re.compile(rb'"message"\s*:\s*\{.*?"content"\s*:\s*"', re.DOTALL)
+_STRING_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)  # a JSON string's inside, up to its quote
+_HIGH_SURROGATE_END = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\Z")
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z_]{1,40})"')
+_TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d{1,12})')
+_LENIENT = json.JSONDecoder(strict=False)  # raw control characters inside strings: keep, safe_text replaces them
+SEARCH_BYTES = 64 * 1024  # the message content must start within this much of the body
+TAIL_BYTES = 64 * 1024  # kept after the content string, for finish_reason and usage
+
+
+class _OversizedAnswer:
+    """Reads a chat-completion body larger than the client keeps, in the order it arrives: keeps the
+    first `keep_bytes` of choices[0].message.content (decoded from its JSON string), counts the
+    answer's full size without keeping it, and keeps TAIL_BYTES after the string for finish_reason and
+    usage (`done` then: nothing further is needed). Memory: about the client's max_body_bytes (the
+    first piece it is fed) whatever the body's size."""
+
+    def __init__(self, keep_bytes: int) -> None:
+        self.keep_bytes = keep_bytes
+        self.head = b""  # the body's start (SEARCH_BYTES), for error details
+        self.read = 0  # body bytes seen
+        self.answer_bytes = 0  # decoded answer bytes counted so far
+        self._phase = "before"  # before the content string, "in" it, "after" it, or "lost" (never found)
+        self._pending = b""  # bytes not yet decodable (an escape or UTF-8 character cut by a chunk boundary)
+        self._kept: list[str] = []
+        self._kept_bytes = 0
+        self._tail = b""
+
+    @property
+    def done(self) -> bool:
+        if self._phase == "lost":  # no answer to count: the request fails with what was read
+            return True
+        return (self._phase == "after" and len(self._tail) >= TAIL_BYTES) or self.read >= DRAIN_LIMIT_BYTES
+
+    def feed(self, chunk: bytes) -> None:
+        self.read += len(chunk)
+        if len(self.head) < SEARCH_BYTES:
+            self.head += chunk[: SEARCH_BYTES - len(self.head)]
+        buf = self._pending + chunk
+        self._pending = b""
+        if self._phase == "before":
+            m = _CONTENT.search(buf, 0, SEARCH_BYTES)
+            if m is None:
+                if len(buf) < SEARCH_BYTES:
+                    self._pending = buf
+                else:
+                    self._phase = "lost"
+                return
+            self._phase, buf = "in", buf[m.end() :]
+        if self._phase == "in":
+            end = _STRING_BODY.match(buf).end()
+            if end < len(buf) and buf[end : end + 1] == b'"':  # the string closes in this chunk
+                self._take(buf[:end])
+                self._phase, buf = "after", buf[end + 1 :]
+            else:
+                ok = _decodable(buf)
+                self._take(buf[:ok])
+                self._pending = buf[ok:]
+                return
+        if self._phase == "after":
+            self._tail += buf[: max(0, TAIL_BYTES - len(self._tail))]
+
+    def _take(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace")
+        try:
+            text = _LENIENT.decode('"' + text + '"')
+        except ValueError:  # not a valid string body (a bad escape): count and keep it as it came
+            pass
+        self.answer_bytes += _utf8_size(text)
+        if self._kept_bytes <= self.keep_bytes:  # one piece past the cap, so safe_text cuts and marks it
+            self._kept.append(text)
+            self._kept_bytes += _utf8_size(text)
+
+    def result(self, url: str) -> dict[str, Any]:
+        """The chat completion as far as it can be told: the content kept, finish_reason and usage when
+        they came within the tail."""
+        if self._phase in ("before", "lost"):
+            raise LLMRequestError(
+                f"{url} answered {self.read} bytes with no message content in its first {SEARCH_BYTES} bytes: "
+                f"{self.head[:200]!r}"
+            )
+        if self._phase == "in" and self._pending:  # the body ended inside the string: take what is left
+            self._take(self._pending)
+        tokens = {k.decode(): int(v) for k, v in _TOKENS.findall(self._tail)}
+        finish = _FINISH.search(self._tail)
+        return {
+            "choices": [
+                {
+                    "message": {"content": "".join(self._kept)},
+                    "finish_reason": finish.group(1).decode() if finish else None,
+                }
+            ],
+            "usage": tokens,
+        }
+
+
+def _decodable(buf: bytes) -> int:
+    """How much of `buf` (the inside of a JSON string, not closed in it) decodes on its own: not a
+    trailing escape cut short, not half a surrogate pair, not a cut UTF-8 character."""
+    n = len(buf)
+    i = buf.rfind(b"\\", max(0, n - 12))
+    if i >= 0:
+        j = i
+        while j > 0 and buf[j - 1] == 0x5C:
+            j -= 1
+        if (i - j) % 2 == 0:  # buf[i] starts an escape (the backslashes before it pair up)
+            esc = buf[i:]
+            if len(esc) < 2 or (esc[1:2] == b"u" and len(esc) < 6):
+                n = i
+    if _HIGH_SURROGATE_END.search(buf, 0, n):  # wait for the low half: a pair is one 4-byte character
+        n -= 6
+    for back in range(1, min(4, n) + 1):  # a UTF-8 lead byte whose sequence is not complete yet
+        c = buf[n - back]
+        if c & 0xC0 == 0x80:
+            continue
+        need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4 if c & 0xF8 == 0xF0 else 1
+        if need > back:
+            n -= back
+        break
+    return n
+
+
+def _utf8_size(text: str) -> int:
+    """UTF-8 bytes of `text`; a lone surrogate counts as the 3 bytes it takes when escaped."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def _shut(conn: http.client.HTTPConnection) -> None:
@@ -401,7 +612,7 @@ def _error_detail(raw: bytes, reason: str) -> str:
             err = data.get("error", data.get("detail", data))
             if isinstance(err, dict):
                 err = err.get("message", err)
-            return str(err)[:500]
+            return safe_text(str(err), 500)  # it reaches logs and exception messages
     except ValueError:
         pass
-    return text[:500] or reason
+    return safe_text(text, 500) or reason
