@@ -4,11 +4,23 @@ Layers, each assuming the others may fail:
 1. `validate_program`: an AST allow-list (node types, attribute names), no names starting with `_`,
    no dangerous builtins by name, a fixed module shape (constants + one `def plan(api)`), 20 kB.
 2. `sandbox_child.py` runs it with an allow-listed `__builtins__` (no `__import__`, no `open`).
-3. The child process: `python -I -S -B`, empty environment, fresh empty cwd, own session; rlimits on
-   CPU, address space, file size (0), open files, core dumps; a new network namespace (no
-   interfaces but a downed loopback); uid/gid nobody; RLIMIT_NPROC=0 (no fork); wall clock and
-   output size enforced here, killing the whole process group.
+3. The OS layer, which must hold on its own (with the real builtins, ctypes, any syscall), for a
+   root parent and for an ordinary user's alike. Set up here, before exec: `python -I -S -B`,
+   empty environment, fresh empty cwd, own session; rlimits on CPU, address space, file size (0),
+   open files, core dumps; a new network namespace (no interfaces but a downed loopback; for an
+   ordinary user inside a new user namespace). In the child, before it reads the program: uid/gid
+   nobody when started as root; RLIMIT_NPROC=0; then `confine.lock_down()`: no_new_privs,
+   Landlock with every filesystem right handled and none granted (no file is read, created,
+   written or executed anywhere), TCP bind/connect denied, abstract unix sockets and signals
+   scoped; seccomp denying sockets of every family, fork/clone/exec, ptrace and other-process
+   memory, signals/rlimits/scheduling aimed at other processes, namespaces, io_uring, bpf.
+   Wall clock and output size are enforced here, killing the whole process group.
+   `sandbox_capabilities()` says which of these this kernel provides; a missing one is logged once
+   (warning) and recorded in every result's `isolation["missing"]`.
 4. `validate_routes`: edges exist and connect, start at the agent's edge, end at its destination.
+5. Every text that leaves this module from the child (error, printed output, route-error keys and
+   messages, isolation strings) goes through `text.safe_text`: valid UTF-8, no control
+   characters, bounded in bytes. Valid routes hold only the snapshot's own agent and edge ids.
 
 Execution rate (the paper's "programs that ran and produced valid routes / programs generated"):
 a program counts as executed iff it ran to completion and EVERY agent of its subset got a valid
@@ -21,7 +33,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import ctypes
+import functools
 import json
+import logging
 import os
 import resource
 import selectors
@@ -36,11 +50,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReledError
+from ..text import safe_text
+from . import confine
 from .navapi import PUBLIC_API, ROUTE_LEN_FACTOR
+
+log = logging.getLogger(__name__)
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 MAX_SOURCE_BYTES = 20_000
 MAX_STDERR_BYTES = 64_000
+MAX_ERROR_BYTES = 2_000  # the result's error text
+MAX_STDOUT_BYTES = 16_000  # what the program printed, as returned
+MAX_ROUTE_ERROR_BYTES = 300  # one agent's route error (and its key: 200)
+MAX_FOREIGN_ROUTE_ERRORS = 20  # route errors for keys that are no agent of the subset
 NOFILE = 32  # stdin/out/err plus what the interpreter opens while importing
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
@@ -362,7 +384,7 @@ def _load_libc() -> Any:
 _LIBC = _load_libc()  # resolved in the parent: the preexec_fn runs between fork and exec
 
 
-def _preexec(cpu_s: int, mem_bytes: int) -> Callable[[], None]:
+def _preexec(cpu_s: int, mem_bytes: int, require_netns: bool = False) -> Callable[[], None]:
     unshare = getattr(_LIBC, "unshare", None)
     prctl = getattr(_LIBC, "prctl", None)
     as_root = os.geteuid() == 0
@@ -375,8 +397,11 @@ def _preexec(cpu_s: int, mem_bytes: int) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
         resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
         # a namespace with only a downed loopback; best effort, the child reports what it got
-        if unshare is not None and unshare(CLONE_NEWNET) != 0 and not as_root:
-            unshare(CLONE_NEWUSER | CLONE_NEWNET)  # unprivileged user namespaces, where enabled
+        made = unshare is not None and unshare(CLONE_NEWNET) == 0
+        if not made and unshare is not None and not as_root:
+            made = unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0  # unprivileged user namespaces, where enabled
+        if require_netns and not made:  # only the capability probe: fail the exec
+            raise OSError("no network namespace")
         if prctl is not None:
             prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binaries even if exec were reached
 
@@ -487,10 +512,72 @@ def run_program(
     return _execute(source, snapshot, cpu_s=cpu_s, wall_s=wall_s, mem_mb=mem_mb, max_output_bytes=max_output_bytes)
 
 
-def _run_unvalidated(source: str, snapshot: Mapping[str, Any], **limits: Any) -> SandboxResult:
+def _run_unvalidated(
+    source: str, snapshot: Mapping[str, Any], *, preload: Iterable[str] = (), **limits: Any
+) -> SandboxResult:
     """TEST HOOK: run `source` with the real builtins and no AST validation, to check that the OS
-    layer alone (rlimits, namespace, uid, no fork) contains code that got past the other layers."""
-    return _execute(source, snapshot, trusted_test=True, **limits)
+    layer alone (rlimits, namespaces, uid, Landlock, seccomp) contains code that got past the other
+    layers. `preload`: modules (e.g. socket, subprocess, ctypes) the child imports before its
+    lockdown, so the program has them even though it can no longer read their files."""
+    names = [str(n) for n in preload]
+    if not all(n.replace(".", "").replace("_", "").isalnum() for n in names):
+        raise ValueError(f"bad module names {names!r}")
+    return _execute(source, snapshot, trusted_test=True, preload=tuple(names), **limits)
+
+
+_REQUIRED = ("landlock_fs", "landlock_tcp", "landlock_scope", "seccomp", "netns")
+
+
+def sandbox_capabilities() -> dict[str, Any]:
+    """What this kernel and process provide to the OS layer (cached; costs one short child process).
+
+    Keys: landlock_abi (0 = none), landlock_fs (files), landlock_tcp (ABI >= 4), landlock_scope
+    (abstract unix sockets and signals, ABI >= 6), seccomp (kernel filter + libseccomp), netns (a
+    network namespace can be made, through a user namespace for an ordinary user), uid_drop (the
+    parent is root, so the child becomes nobody), and missing: the names of those that are False
+    (uid_drop is not listed: an ordinary user's child keeps that user's uid by design)."""
+    caps = dict(_probe_capabilities())  # a copy: callers may not edit the cached one
+    caps["missing"] = list(caps["missing"])
+    return caps
+
+
+@functools.cache
+def _probe_capabilities() -> dict[str, Any]:
+    caps: dict[str, Any] = dict(confine.probe())
+    caps["netns"] = _can_make_netns()
+    caps["uid_drop"] = os.geteuid() == 0
+    caps["missing"] = [k for k in _REQUIRED if not caps[k]]
+    return caps
+
+
+def _can_make_netns() -> bool:
+    """Start a no-op child with the sandbox's preexec, failing when no network namespace was made."""
+    try:
+        rc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", "pass"],
+            preexec_fn=_preexec(1, 1 << 30, require_netns=True),
+            env={},
+            timeout=10,
+        ).returncode
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return rc == 0
+
+
+@functools.cache
+def _report_capabilities_once() -> None:
+    caps = sandbox_capabilities()
+    holds = [k for k in _REQUIRED if caps[k]] + (["uid_drop"] if caps["uid_drop"] else [])
+    if caps["missing"]:
+        log.warning(
+            "sandbox OS layer: this kernel lacks %s (Landlock ABI %d); holding: %s. The AST layer and the "
+            "remaining OS mechanisms stand alone for what is missing.",
+            ", ".join(caps["missing"]),
+            caps["landlock_abi"],
+            ", ".join(holds),
+        )
+    else:
+        log.info("sandbox OS layer: %s (Landlock ABI %d)", ", ".join(holds), caps["landlock_abi"])
 
 
 def _execute(
@@ -502,7 +589,9 @@ def _execute(
     mem_mb: int = 256,
     max_output_bytes: int = 1_000_000,
     trusted_test: bool = False,
+    preload: tuple[str, ...] = (),
 ) -> SandboxResult:
+    _report_capabilities_once()
     t0 = time.monotonic()
     msg = {
         "source": source,
@@ -518,7 +607,8 @@ def _execute(
     ) as cwd:  # mode 0700: the child, once nobody, cannot even list it
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", str(CHILD)],
+                [sys.executable, "-I", "-S", "-B", str(CHILD)]
+                + ([f"--preload={','.join(preload)}"] if preload else []),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -542,13 +632,15 @@ def _execute(
     wall = time.monotonic() - t0
 
     def fail(reason: str, error: str, **kw: Any) -> SandboxResult:
-        return SandboxResult(None, error, reason, wall, cpu, **kw)
+        return SandboxResult(None, safe_text(error, MAX_ERROR_BYTES), reason, wall, cpu, **kw)
 
     if status == "timeout":
         return fail("timeout", f"wall-clock limit of {wall_s:g} s exceeded")
     if status == "output_too_large":
         return fail("output_too_large", f"output exceeded {max_output_bytes} bytes")
-    if rc in (-signal.SIGXCPU, -signal.SIGKILL) and cpu is not None and cpu >= cpu_limit - 0.05:
+    # SIGXCPU is RLIMIT_CPU's (a program that raises it on itself only earns a 'timeout'); the hard
+    # limit's SIGKILL a second later is told apart from a wall-clock kill by the CPU it used
+    if rc == -signal.SIGXCPU or (rc == -signal.SIGKILL and cpu is not None and cpu >= cpu_limit - 0.05):
         return fail("timeout", f"CPU limit of {cpu_limit} s exceeded")
     tail = err[-2000:].decode("utf-8", "replace")
     try:
@@ -560,37 +652,82 @@ def _execute(
             return fail("memory", f"memory limit of {mem_mb} MB exceeded")
         return fail("crash", f"the sandbox child exited with status {rc} and no result: {tail.strip()[-500:]}")
     iso = _isolation(res.get("isolation"))
-    stdout = str(res.get("stdout", ""))
+    stdout = safe_text(_text(res.get("stdout", "")), MAX_STDOUT_BYTES)
     if not res.get("ok"):
         category = res.get("category")
         if category not in _CHILD_CATEGORIES:  # a compromised child does not get to invent outcomes
             category = "crash"
         if category == "memory":
             return fail(category, f"memory limit of {mem_mb} MB exceeded", stdout=stdout, isolation=iso)
-        return fail(category, str(res.get("error", ""))[:2000], stdout=stdout, isolation=iso)
+        return fail(category, _text(res.get("error", "")), stdout=stdout, isolation=iso)
     routes = res.get("routes")
     if not isinstance(routes, dict):
         return fail("crash", "the sandbox child returned no routes", stdout=stdout, isolation=iso)
     ok, errors = validate_routes(routes, snapshot)
     if errors:
+        errors = _safe_route_errors(errors, snapshot)
         shown = "; ".join(f"agent {a}: {m}" for a, m in list(errors.items())[:10])
         more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
-        return SandboxResult(ok, f"invalid routes: {shown}{more}", "invalid_route", wall, cpu, errors, stdout, iso)
+        error = safe_text(f"invalid routes: {shown}{more}", MAX_ERROR_BYTES)
+        return SandboxResult(ok, error, "invalid_route", wall, cpu, errors, stdout, iso)
     return SandboxResult(ok, None, None, wall, cpu, {}, stdout, iso)
+
+
+def _text(value: Any) -> str:
+    """A child's value as text, cut before it is cleaned (safe_text of 1 MB would cost for nothing)."""
+    return value[: 4 * MAX_STDOUT_BYTES] if isinstance(value, str) else str(type(value).__name__)
+
+
+def _safe_route_errors(errors: Mapping[str, str], snapshot: Mapping[str, Any]) -> dict[str, str]:
+    """Route errors with clean, bounded keys and messages. Keys of the subset's agents are kept as
+    they are (they are the caller's ids); keys the child made up are cleaned and at most
+    MAX_FOREIGN_ROUTE_ERRORS of them kept, the rest counted under one entry."""
+    agents = {a["id"] for a in snapshot["agents"]}
+    out: dict[str, str] = {}
+    foreign = 0
+    for a, m in errors.items():
+        if a not in agents:
+            foreign += 1
+            if foreign > MAX_FOREIGN_ROUTE_ERRORS:
+                continue
+            a = safe_text(a[:400], 200)
+        out[a] = safe_text(m[: 4 * MAX_ROUTE_ERROR_BYTES], MAX_ROUTE_ERROR_BYTES)
+    if foreign > MAX_FOREIGN_ROUTE_ERRORS:
+        out["(more)"] = f"{foreign - MAX_FOREIGN_ROUTE_ERRORS} more routes for keys that are not agents of this subset"
+    return out
 
 
 _CHILD_CATEGORIES = ("syntax", "rejected", "memory", "runtime_error", "output_too_large")
 
 
 def _isolation(info: Any) -> dict[str, Any]:
-    """What the child reported, summarised: new network namespace, unprivileged uid, fork blocked."""
+    """What the child reported, summarised: new network namespace, unprivileged uid, fork limit,
+    no_new_privs, Landlock (and its ABI), seccomp; `missing` names what did not hold. The child
+    collects it before the program runs but sends it with the result, so a program past every
+    layer could fake it: it describes the set-up, the tests check the effects."""
     if not isinstance(info, dict):
         return {}
     parent_ns = _parent_netns()
-    return {
+    abi = info.get("landlock_abi")
+    abi = abi if isinstance(abi, int) else 0
+    out: dict[str, Any] = {
         "netns": info.get("netns") is not None and info.get("netns") != parent_ns,
-        "uid": info.get("uid"),
+        "uid": info.get("uid") if isinstance(info.get("uid"), int) else None,
         "unprivileged": info.get("uid") != 0 and info.get("euid") != 0,
         "no_fork": info.get("nproc") == 0,
-        **{k: info[k] for k in ("setuid_error", "nproc_error") if k in info},
+        "no_new_privs": info.get("no_new_privs") is True,
+        "landlock": info.get("landlock") is True,
+        "landlock_abi": abi,
+        "seccomp": info.get("seccomp") is True,
     }
+    out["landlock_tcp"] = out["landlock"] and abi >= 4
+    out["landlock_scope"] = out["landlock"] and abi >= 6
+    ifaces = info.get("net_interfaces")
+    if isinstance(ifaces, list):
+        out["net_interfaces"] = [safe_text(str(i), 64) for i in ifaces[:16]]
+    names = ("netns", "no_fork", "no_new_privs", "landlock", "landlock_tcp", "landlock_scope", "seccomp")
+    out["missing"] = [k for k in names if not out[k]]
+    for k in ("setuid_error", "nproc_error", "landlock_error", "seccomp_error"):
+        if k in info:
+            out[k] = safe_text(str(info[k])[:1000], 300)
+    return out

@@ -6,13 +6,20 @@ Protocol: one JSON object on stdin {"source", "snapshot", "max_output_bytes", "m
 "trusted_test": bool}, one JSON object on stdout: {"ok": true, "routes", "stdout", "isolation"} or
 {"ok": false, "category", "error", "stdout", "isolation"}. Nothing is ever unpickled.
 
-Order matters. Everything this script needs is imported first (as root the interpreter can read
-its own stdlib; nobody may not, e.g. under a 0700 /root/.pyenv), then privileges are dropped to
-nobody, then fork is blocked (RLIMIT_NPROC=0; not in preexec_fn, where it would make execve fail
-with EAGAIN after the uid change), and only then is the untrusted message read.
+Order matters. Everything this script will ever need is imported first, including `unicodedata`
+(the compiler imports it for non-ASCII identifiers) and ctypes/libseccomp for the lockdown: as root
+the interpreter can read its own stdlib, nobody may not (e.g. under a 0700 /root/.pyenv), and after
+the lockdown no process can read any file. Then privileges are dropped to nobody (when root),
+fork is limited (RLIMIT_NPROC=0; not in preexec_fn, where it would make execve fail with EAGAIN
+after the uid change), `confine.lock_down()` applies no_new_privs, Landlock and seccomp for good,
+and only then is the untrusted message read.
 
 The program is not re-validated here: the parent validated it before sending, and this process
 cannot hold any secret the parent lacks. A validator bug is what the OS layer is for.
+
+Test hook: `--preload=mod1,mod2` (argv, set only by the parent's `_run_unvalidated`) imports those
+modules before the lockdown, so the tests can check that the lockdown holds against a program that
+has socket, subprocess and ctypes at hand rather than only against one that cannot import them.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import resource
 import sys
 import traceback
 import types
+import unicodedata  # noqa: F401  (imported by the compiler for non-ASCII names; no file reads later)
 from typing import Any
 
 NOBODY = 65534
@@ -32,17 +40,27 @@ _MAX_RANGE = 1_000_000  # the loop rule: `for` over a range of at most this many
 _MAX_ERROR_CHARS = 2000
 
 
-def _load_navapi() -> types.ModuleType:
-    """navapi.py by path (`-I` puts no script folder on sys.path; importlib.util costs more to import)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "navapi.py")
-    mod = types.ModuleType("reled_navapi")
+def _load(filename: str, name: str) -> types.ModuleType:
+    """A sibling module by path (`-I` puts no script folder on sys.path; importlib.util costs more to import)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
+    mod = types.ModuleType(name)
     mod.__file__ = path
     with open(path, encoding="utf-8") as f:
         exec(compile(f.read(), path, "exec"), mod.__dict__)
     return mod
 
 
-navapi = _load_navapi()
+navapi = _load("navapi.py", "reled_navapi")
+confine = _load("confine.py", "reled_confine")
+confine.load_libseccomp()  # while the process can still read /lib
+
+
+def _net_interfaces() -> list[str] | None:
+    try:
+        with open("/proc/self/net/dev", encoding="ascii") as f:
+            return [line.split(":")[0].strip() for line in f.readlines()[2:]]
+    except OSError:
+        return None
 
 
 def _drop_privileges() -> dict[str, Any]:
@@ -51,6 +69,7 @@ def _drop_privileges() -> dict[str, Any]:
         info["netns"] = os.readlink("/proc/self/ns/net")
     except OSError:
         info["netns"] = None
+    info["net_interfaces"] = _net_interfaces()
     if os.getuid() == 0:
         try:
             os.setgroups([])
@@ -166,8 +185,17 @@ def _run(msg: dict[str, Any], printed: list[str]) -> dict[str, Any]:
     return {"ok": True, "routes": routes}
 
 
+def _preload(argv: list[str]) -> None:
+    for arg in argv:
+        if arg.startswith("--preload="):
+            for name in filter(None, arg.split("=", 1)[1].split(",")):
+                __import__(name)
+
+
 def main() -> None:
+    _preload(sys.argv[1:])
     isolation = _drop_privileges()
+    isolation.update(confine.lock_down())  # irreversible; from here on no file, socket, process or signal
     msg = json.loads(sys.stdin.buffer.read())
     printed: list[str] = []
     try:
