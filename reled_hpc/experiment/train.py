@@ -130,11 +130,13 @@ class Trainer:
         """Rank 0 starts the embedded server when no endpoint is configured; every rank gets the
         endpoint by broadcast and sends its own subsets' requests."""
         from ..expert.llm_expert import LLMExpert
+        from ..expert.sandbox import report_sandbox_capabilities
         from ..llm import LLMUnavailable
         from ..llm.cache import ResponseCache
         from ..llm.server import DeferredClient, EmbeddedServer, Endpoint, wait_for_endpoint
 
         llm = self.cfg.llm
+        report_sandbox_capabilities()  # at start: what contains the LLM's programs on this node
         ep = None
         if self.root:
             if not llm.endpoint:

@@ -565,7 +565,7 @@ def _can_make_netns() -> bool:
 
 
 @functools.cache
-def _report_capabilities_once() -> None:
+def report_sandbox_capabilities() -> None:
     caps = sandbox_capabilities()
     holds = [k for k in _REQUIRED if caps[k]] + (["uid_drop"] if caps["uid_drop"] else [])
     if caps["missing"]:
@@ -591,7 +591,7 @@ def _execute(
     trusted_test: bool = False,
     preload: tuple[str, ...] = (),
 ) -> SandboxResult:
-    _report_capabilities_once()
+    report_sandbox_capabilities()
     t0 = time.monotonic()
     msg = {
         "source": source,
