@@ -19,7 +19,7 @@ from test_analysis import A_MAX, EXTRA, OBS_DIM, config, decision_rows, write_du
 from analysis.load import open_dump
 from reled_hpc.errors import DumpError
 from reled_hpc.io import TrajectoryWriter
-from reled_hpc.io.salvage import GCOL_SIGNATURE
+from reled_hpc.io.heap import GCOL_SIGNATURE
 
 LIMIT_S = 30.0
 
@@ -119,6 +119,37 @@ def test_cut_inside_the_attribute_heap_is_a_named_error(dump, tmp_path):
     for line in lines:
         assert line.startswith(f"{cut}: ") and "file attributes" in line, line
         assert f"global heap collection at byte {heap:,}" in line, line
+
+
+def test_heap_damaged_in_place_in_a_full_size_dump_ends_in_bounded_time(dump, tmp_path):
+    """Not a cut: the file keeps its size, but bytes inside a global heap collection are overwritten.
+    Zeros where an object record was made HDF5 loop forever on the file attributes; each damaged copy
+    must end (summary, in one child process) with a result or a named DumpError."""
+    data = dump.read_bytes()
+    heaps = [i for i in range(len(data)) if data.startswith(GCOL_SIGNATURE, i)]
+    fills = [(16, b"\x00" * 64), (8, b"\x00" * 8), (24, b"\xff" * 16), (40, b"\x00" * 256), (100, b"\x13" * 32)]
+    copies = []
+    for h in heaps:
+        for off, fill in fills:
+            b = bytearray(data)
+            b[h + off : h + off + len(fill)] = fill
+            copies.append(tmp_path / f"heap{h}_{off}.h5")
+            copies[-1].write_bytes(bytes(b))
+    proc = subprocess.Popen([sys.executable, "-c", SUMMARIES, *map(str, copies)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=LIMIT_S * 2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    done = [json.loads(line) for line in out.splitlines()]
+    assert proc.returncode == 0 and len(done) == len(copies), (
+        f"no end on {copies[len(done)].name} (HDF5 loops?); stderr: {err[-2000:]}"
+    )
+    for copy, r in zip(copies, done, strict=True):
+        assert_ends_clearly(copy, r["rc"], r["err"], r["s"])
+    first = next(r for c, r in zip(copies, done, strict=True) if c.name == f"heap{heaps[0]}_16.h5")
+    assert first["rc"] == 2 and f"global heap collection at byte {heaps[0]:,} is damaged" in first["err"], first
 
 
 def chunk_spans(path: Path) -> list[tuple[str, int, int]]:

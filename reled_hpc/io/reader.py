@@ -20,6 +20,7 @@ import yaml
 
 from ..errors import DumpError
 from . import schema as S
+from .heap import leading_heap_problems
 
 # ---------------------------------------------------------------------------- file opening
 _FLAGS_MSG = "already open for write"
@@ -213,6 +214,7 @@ class TrajectoryReader:
         self.path = Path(path)
         self._f = open_h5(self.path, "r")
         try:
+            self._check_attribute_heap()
             self._validate()
         except BaseException:
             self._f.close()
@@ -220,6 +222,14 @@ class TrajectoryReader:
 
     def _err(self, problem: str) -> DumpError:
         return DumpError(f"{self.path}: {problem}")
+
+    def _check_attribute_heap(self) -> None:
+        """Damage in place to the heap of the file attributes makes HDF5 loop forever on the first
+        string attribute it reads (it has no checksum): refuse it by name first."""
+        bad = leading_heap_problems(self.path)
+        if bad:
+            at, why = bad[0]
+            raise self._err(self._unreadable.format(f"the global heap collection at byte {at:,} is damaged: {why}"))
 
     def _validate(self) -> None:
         try:

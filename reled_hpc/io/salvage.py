@@ -19,12 +19,10 @@ import h5py
 import numpy as np
 
 from . import schema as S
+from .heap import GCOL_HEADER_BYTES, GCOL_SIGNATURE, heap_problem
 from .reader import Superblock, TrajectoryReader, first_row_after, metrics_as_read, written_iterations
 
 __all__ = ["PaddedFile", "SalvageReader", "cut_short", "global_heap_problems"]
-
-GCOL_SIGNATURE = b"GCOL\x01\x00\x00\x00"  # a global heap collection, version 1 (reserved bytes zero)
-_GCOL_HDR = 16  # signature, version, reserved, collection size (8-byte lengths; the only size h5py writes)
 
 
 def cut_short(path: str | Path) -> str | None:
@@ -43,28 +41,6 @@ def cut_short(path: str | Path) -> str | None:
     return f"the file is {size:,} bytes, its superblock records {end:,} (cut short, or its writer was killed)"
 
 
-def _heap_problem(image: bytes) -> str | None:
-    """Why HDF5 would not finish parsing this global heap collection image, None if it would.
-
-    HDF5 (up to 2.0 at least) walks a collection's objects with `p = begin + need`, where a free-space
-    object (index 0) needs its own size: an index-0 object of size 0, i.e. zeros (bytes past a cut, a
-    zeroed block), never advances and the reader spins forever. The global heap has no checksum, so
-    nothing else stops it. Objects running past the collection's end are refused too (pointer overflow).
-    """
-    end = len(image)
-    p = _GCOL_HDR
-    while p + _GCOL_HDR <= end:  # a shorter tail is free space to HDF5
-        idx = int.from_bytes(image[p : p + 2], "little")
-        size = int.from_bytes(image[p + 8 : p + 16], "little")
-        need = _GCOL_HDR + (size + 7) // 8 * 8 if idx else size
-        if need == 0:
-            return f"an empty free-space record at offset {p} (zeros) would make HDF5 loop forever"
-        if need > end - p:
-            return f"object {idx} at offset {p} claims {size:,} bytes, past the collection's end"
-        p += need
-    return None
-
-
 def global_heap_problems(view: PaddedFile, real_size: int, virtual_size: int) -> list[tuple[int, int, str]]:
     """(start, stop, why) of every global heap collection in the file that HDF5 could not parse in bounded
     time; `view` shows the file as HDF5 will see it, the collections are found by signature in its first
@@ -77,13 +53,13 @@ def global_heap_problems(view: PaddedFile, real_size: int, virtual_size: int) ->
         at = mm.find(GCOL_SIGNATURE)
         while at >= 0:
             view.seek(at)
-            head = view.read(_GCOL_HDR) or b""
-            size = int.from_bytes(head[8:16], "little") if len(head) == _GCOL_HDR else 0
-            if size < 2 * _GCOL_HDR or at + size > virtual_size:
-                bad.append((at, at + _GCOL_HDR, f"its recorded size {size:,} does not fit the file"))
+            head = view.read(GCOL_HEADER_BYTES) or b""
+            size = int.from_bytes(head[8:16], "little") if len(head) == GCOL_HEADER_BYTES else 0
+            if size < 2 * GCOL_HEADER_BYTES or at + size > virtual_size:
+                bad.append((at, at + GCOL_HEADER_BYTES, f"its recorded size {size:,} does not fit the file"))
             else:
                 view.seek(at)
-                why = _heap_problem(view.read(size) or b"")
+                why = heap_problem(view.read(size) or b"")
                 if why:
                     bad.append((at, at + size, why))
             at = mm.find(GCOL_SIGNATURE, at + 1)
