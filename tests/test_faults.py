@@ -218,6 +218,30 @@ def test_disk_full_gives_a_clear_error_and_keeps_committed_iterations(tmp_path, 
     assert "no checkpoint" in out["resume_error"] and "start over" in out["resume_error"], out
 
 
+def test_disk_full_at_two_ranks_ends_every_rank_with_the_error_and_keeps_the_dump(tmp_path, grid):
+    """The same full disk under `--ranks 2`: rank 0's clear error ends the whole MPI job (no rank left
+    training, no segfault), and every committed iteration stays readable."""
+    d = tmp_path / "small2"
+    d.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(d)], capture_output=True,
+                             text=True)  # fmt: skip
+    assert mounted.returncode == 0, f"this test mounts a tmpfs (it runs as root in CI): {mounted.stderr}"
+    try:
+        cfg = _cfg(tmp_path, "full2", runs=d / "runs", iterations=100000, checkpoint_every=100000)
+        res = subprocess.run([str(VENV_BIN / "reled-hpc"), "train", str(cfg), "--ranks", "2"], capture_output=True,
+                             text=True, timeout=400)  # fmt: skip
+        run = d / "runs" / "full2"
+        committed = _committed(run / "trajectories.h5")
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+    assert res.returncode not in (0, 139, -11), res.returncode  # ended, and not by a segfault
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("reled-hpc: error: ") and "trajectories.h5" in last and "bytes free" in last, last
+    assert committed and committed == list(range(len(committed))), committed
+    assert f"iterations up to {committed[-1]} are committed" in last, last
+    assert not _processes_mentioning(str(cfg)), "a rank outlived the failed job"
+
+
 class _LateLLM:
     """An OpenAI-style server that answers GET /v1/models (readiness) and counts chat requests; its
     reply holds no program, so each request shows up as one rejected program in the dump."""
