@@ -64,6 +64,24 @@ for path in sys.argv[1:]:
 """
 
 
+def summarise_each_ends_clearly(paths: list[Path], limit_s: float) -> list[dict]:
+    """`analyze summary` on each file in one child process; each must end clearly, all within `limit_s`."""
+    proc = subprocess.Popen([sys.executable, "-c", SUMMARIES, *map(str, paths)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    done = [json.loads(line) for line in out.splitlines()]
+    assert proc.returncode == 0 and len(done) == len(paths), (
+        f"no end within {limit_s:.0f} s on {paths[len(done)].name} (HDF5 loops?); stderr: {err[-2000:]}"
+    )
+    for path, r in zip(paths, done, strict=True):
+        assert_ends_clearly(path, r["rc"], r["err"], r["s"])
+    return done
+
+
 def test_cut_anywhere_ends_in_bounded_time(dump, tmp_path):
     data = dump.read_bytes()
     heaps = [i for i in range(len(data)) if data.startswith(GCOL_SIGNATURE, i)]
@@ -75,19 +93,7 @@ def test_cut_anywhere_ends_in_bounded_time(dump, tmp_path):
         cut = tmp_path / f"cut{off}.h5"
         cut.write_bytes(data[:off])
         cuts.append(cut)
-    proc = subprocess.Popen([sys.executable, "-c", SUMMARIES, *map(str, cuts)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=LIMIT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    done = [json.loads(line) for line in out.splitlines()]
-    assert proc.returncode == 0 and len(done) == len(cuts), (
-        f"no end within {LIMIT_S:.0f} s on {cuts[len(done)].name} (HDF5 loops?); stderr: {err[-2000:]}"
-    )
-    for cut, r in zip(cuts, done, strict=True):
-        assert_ends_clearly(cut, r["rc"], r["err"], r["s"])
+    summarise_each_ends_clearly(cuts, LIMIT_S)
 
 
 OPEN = """
@@ -135,19 +141,7 @@ def test_heap_damaged_in_place_in_a_full_size_dump_ends_in_bounded_time(dump, tm
             b[h + off : h + off + len(fill)] = fill
             copies.append(tmp_path / f"heap{h}_{off}.h5")
             copies[-1].write_bytes(bytes(b))
-    proc = subprocess.Popen([sys.executable, "-c", SUMMARIES, *map(str, copies)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=LIMIT_S * 2)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    done = [json.loads(line) for line in out.splitlines()]
-    assert proc.returncode == 0 and len(done) == len(copies), (
-        f"no end on {copies[len(done)].name} (HDF5 loops?); stderr: {err[-2000:]}"
-    )
-    for copy, r in zip(copies, done, strict=True):
-        assert_ends_clearly(copy, r["rc"], r["err"], r["s"])
+    done = summarise_each_ends_clearly(copies, LIMIT_S * 2)
     first = next(r for c, r in zip(copies, done, strict=True) if c.name == f"heap{heaps[0]}_16.h5")
     assert first["rc"] == 2 and f"global heap collection at byte {heaps[0]:,} is damaged" in first["err"], first
 
