@@ -130,3 +130,58 @@ def test_two_ranks_train_reled_with_sed_on_the_embedded_llm(tmp_path, grid):
         assert not progs["executed"].any() and all(e for e in progs["error"])
         assert set(np.unique(progs["iteration"])) == {0, 1}
         assert r.n_rows("expert") > 0  # the fallback demonstration still drives HPO
+
+
+def _final_weights(run: Path) -> np.ndarray:
+    from reled_hpc.experiment.run_dir import checkpoint_files
+    from reled_hpc.experiment.train import Trainer
+
+    state = Trainer.load_checkpoint(checkpoint_files(run / "checkpoints")[-1])
+    return np.concatenate([v.reshape(-1).numpy() for v in state["learner"]["net"].values()])
+
+
+def test_allreduce_training_matches_central_resumes_and_dumps(tmp_path, grid):
+    """RELED at 2 ranks: the data-parallel update (checking replicas every iteration) trains the same policy
+    as the central one on the same rollouts, stops and resumes like it, and writes the same dump."""
+    common = {"iterations": 3, "dist": {"total_agents": 12, "sync_check_every": 1},
+              "ppo": {"lr": 0.003, "epochs": 2, "minibatch": 64}}  # fmt: skip
+    central = _cfg(tmp_path, "central", **{**common, "dist": {**common["dist"], "learner": "central"}})
+    res = _mpirun(central)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # allreduce: 2 iterations, then --resume for the third
+    ar = _cfg(tmp_path, "allreduce", **{**common, "iterations": 2, "dist": {**common["dist"], "learner": "allreduce"}})
+    res = _mpirun(ar)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "data-parallel update (dist.learner=allreduce) over 2 ranks" in res.stdout + res.stderr
+    run = tmp_path / "runs" / "allreduce"
+    cmd = [str(VENV_BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "reled_hpc.cli", "train", "--resume", str(run),
+           "--set", "iterations=3"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    w_central, w_ar = _final_weights(tmp_path / "runs" / "central"), _final_weights(run)
+    assert np.abs(w_central - w_ar).max() < 1e-4, np.abs(w_central - w_ar).max()
+    cols = ["iteration", "rank", "agent_id", "action", "obs"]
+    with (
+        TrajectoryReader(tmp_path / "runs" / "central" / "trajectories.h5") as a,
+        TrajectoryReader(run / "trajectories.h5") as b,
+    ):
+        assert list(b.iterations()) == [0, 1, 2]
+        ra, rb = a.read("agent", columns=cols), b.read("agent", columns=cols)
+        for c in cols:
+            assert np.array_equal(ra[c], rb[c]), c  # same rollouts every iteration, so the same policy
+        assert a.n_rows("expert") == b.n_rows("expert") > 0
+        ma, mb = a.metrics(), b.metrics()
+        assert np.allclose(ma["policy_loss"], mb["policy_loss"], rtol=1e-3, atol=1e-5)
+        assert np.all(mb["update_s"] > 0) and np.all(mb["comm_bytes"] > 0) and np.all(mb["ranks"] == 2)
+
+
+def test_qmix_refuses_allreduce_and_auto_resolves():
+    from reled_hpc.errors import ConfigError
+    from reled_hpc.experiment.config import DistConfig
+
+    assert DistConfig().learner_mode("reled", 2) == "allreduce"
+    assert DistConfig().learner_mode("ippo", 1) == "central"
+    assert DistConfig().learner_mode("qmix", 4) == "central"
+    assert DistConfig(learner="central").learner_mode("mappo", 4) == "central"
+    with pytest.raises(ConfigError, match="allreduce is not supported for qmix"):
+        DistConfig(learner="allreduce").learner_mode("qmix", 2)

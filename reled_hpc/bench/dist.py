@@ -4,6 +4,8 @@ HDF5 write, bytes moved, memory per rank, and how iteration time grows with the 
 Each agent count runs `reled-hpc train` under `mpiexec -n R` for a few iterations of RELED (oracle
 expert) on the shipped map; the first iteration is a warm-up and is left out of the averages.
 On a 2-core machine R ranks share the cores: read overhead and growth, not speed-up.
+`--learner central allreduce` runs every agent count with each update (`dist.learner`) in one
+invocation, so the two are compared under the same machine load.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from ..dist.comm import mpiexec_command
 PARTS = ("rollout_s", "expert_s", "dtw_s", "comm_s", "update_s", "write_s")
 
 
-def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: float, algorithm: str) -> dict[str, Any]:
+def run_one(
+    ranks: int, agents: int, iterations: int, map_name: str, horizon: float, algorithm: str, learner: str = "auto"
+) -> dict[str, Any]:
     from ..experiment.run_dir import RunDir
     from ..io import TrajectoryReader
 
@@ -34,7 +38,7 @@ def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: fl
             "checkpoint_every": iterations, "runs_dir": tmp, "tensorboard": False,
             "env": {"map": map_name, "n_agents": agents, "traffic": "light", "horizon_s": horizon,
                     "depart_window_s": min(120.0, horizon / 4)},
-            "dist": {"total_agents": agents},
+            "dist": {"total_agents": agents, "learner": learner},
         }  # fmt: skip
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -52,6 +56,7 @@ def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: fl
     parts = {k: float(np.mean(m[k][steady])) for k in PARTS}
     iter_s = float(np.mean(wall))
     return {
+        "learner": learner,
         "agents": agents,
         "agents_per_rank": agents / ranks,
         "iteration_s": round(iter_s, 3),
@@ -72,14 +77,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map", default="helsinki")
     p.add_argument("--horizon", type=float, default=300.0, help="episode horizon (simulated s)")
     p.add_argument("--algorithm", default="reled", choices=["ippo", "mappo", "qmix", "reled"])
+    p.add_argument("--learner", nargs="+", default=["auto"], choices=["auto", "central", "allreduce"],
+                   help="dist.learner of the runs; several: each agent count runs with each, alternating")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    results = [run_one(args.ranks, n, args.iterations, args.map, args.horizon, args.algorithm) for n in args.agents]
+    # alternate the updates per agent count, so slow drift of the machine's load hits both alike
+    results = [run_one(args.ranks, n, args.iterations, args.map, args.horizon, args.algorithm, learner)
+               for n in args.agents for learner in args.learner]  # fmt: skip
     out: dict[str, Any] = {"bench": "dist", "ranks": args.ranks, "map": args.map, "horizon_s": args.horizon,
-                           "algorithm": args.algorithm, "results": results}  # fmt: skip
-    if len(results) > 1:
-        a0, a1 = results[0], results[-1]
+                           "algorithm": args.algorithm, "learners": args.learner, "results": results}  # fmt: skip
+    if len(args.learner) > 1:
+        keys = ("iteration_s", "update_s", "comm_s", "comm_bytes_per_iteration")
+        out["learner_comparison"] = [
+            {"agents": n, **{f"{r['learner']}_{k}": r[k] for r in results if r["agents"] == n for k in keys}}
+            for n in args.agents
+        ]
+    first = [r for r in results if r["learner"] == args.learner[0]]
+    if len(first) > 1:
+        a0, a1 = first[0], first[-1]
         out["growth"] = {
             "agents_factor": a1["agents"] / a0["agents"],
             "iteration_time_factor": round(a1["iteration_s"] / a0["iteration_s"], 2),

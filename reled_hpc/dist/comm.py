@@ -3,12 +3,14 @@
 `get_comm()` returns MPI.COMM_WORLD when the process was started by mpiexec/srun with more than
 one rank, and a serial stand-in otherwise, so R = 1 runs without initialising MPI at all.
 Trajectory batches move as typed numpy buffers: `Gatherv` of each column after a `Gather` of
-the row counts (never pickles); weights move as one float32 `Bcast`.
+the row counts (never pickles); weights move as one float32 `Bcast`; the data-parallel learner sums
+gradients and a few scalars with `Allreduce` on flat buffers.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -48,6 +50,9 @@ class SerialComm:
     def gather_obj(self, obj: Any, root: int = 0) -> list[Any] | None:
         return [obj]
 
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
     def barrier(self) -> None:
         pass
 
@@ -56,6 +61,9 @@ class SerialComm:
 
     def bytes_moved(self) -> int:
         return 0
+
+    def seconds_in_allreduce(self) -> float:
+        return 0.0
 
 
 class MPIComm:
@@ -71,9 +79,25 @@ class MPIComm:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self._bytes = 0
+        self._allreduce_s = 0.0
 
     def bytes_moved(self) -> int:
         return self._bytes
+
+    def seconds_in_allreduce(self) -> float:
+        """Wall time spent inside `allreduce_sum` so far (transfer plus waiting for the slowest rank)."""
+        return self._allreduce_s
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        """Element-wise sum over the ranks of one contiguous numeric buffer, result on every rank (a new
+        array; `buf` is untouched). Counts what a ring allreduce sends per rank: 2 (R - 1) / R of the buffer."""
+        send = np.ascontiguousarray(buf)
+        out = np.empty_like(send)
+        t0 = time.perf_counter()
+        self.comm.Allreduce(send, out, op=self.MPI.SUM)
+        self._allreduce_s += time.perf_counter() - t0
+        self._bytes += 2 * send.nbytes * (self.size - 1) // self.size
+        return out
 
     def bcast_array(self, arr: np.ndarray, root: int = 0) -> np.ndarray:
         """Bcast a buffer whose shape and dtype every rank already knows (e.g. the flat weights)."""
@@ -126,6 +150,19 @@ class MPIComm:
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
+
+
+def same_on_all_ranks(comm: SerialComm | MPIComm, arrays: list[np.ndarray]) -> bool:
+    """True on every rank when `arrays` are bitwise equal on all ranks (CRC-32 of their bytes, one
+    small allreduce): a cheap check that data-parallel replicas have not drifted apart."""
+    import zlib
+
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data, crc)
+    slots = np.zeros(comm.size, np.float64)  # one slot per rank: after the sum every rank sees every CRC
+    slots[comm.rank] = float(crc)
+    return bool(np.all(comm.allreduce_sum(slots) == float(crc)))
 
 
 def mpiexec_command(ranks: int, cli_args: list[str]) -> list[str]:

@@ -74,11 +74,30 @@ class HPOConfig:
 class DistConfig:
     total_agents: int = 0
     """> 0: split this many agents (<= 10000000) over the ranks, env.n_agents ignored; 0: env.n_agents per rank."""
+    learner: Literal["auto", "central", "allreduce"] = "auto"
+    """Update: 'central' on rank 0, 'allreduce' data-parallel on every rank (PPO family); 'auto': allreduce if R > 1."""
+    sync_check_every: int = 10
+    """allreduce: every this many iterations, check that all ranks hold identical weights and Adam state (0: off)."""
 
     def validate(self, where: str = "dist") -> None:
         # generous: 100 ranks of env.n_agents' own bound; a larger value is a typo that would fail mid-run
         require(0 <= self.total_agents <= 10_000_000, f"{where}.total_agents",
                 f"must be in [0, 10000000], got {self.total_agents}")  # fmt: skip
+        require(self.learner in ("auto", "central", "allreduce"), f"{where}.learner",
+                f"must be auto, central or allreduce, got {self.learner!r}")  # fmt: skip
+        require(self.sync_check_every >= 0, f"{where}.sync_check_every", f"must be >= 0, got {self.sync_check_every}")
+
+    def learner_mode(self, algorithm: str, ranks: int, where: str = "dist") -> Literal["central", "allreduce"]:
+        """The update this run uses. QMIX's replay, target networks and joint-group sampling live on rank 0,
+        so it is always central ('allreduce' is refused); one rank has nothing to reduce."""
+        if algorithm == "qmix":
+            if self.learner == "allreduce":
+                raise ConfigError(f"{where}.learner: allreduce is not supported for qmix (its replay and mixer "
+                                  "train centrally on rank 0); use central or auto")  # fmt: skip
+            return "central"
+        if self.learner == "auto":
+            return "allreduce" if ranks > 1 else "central"
+        return self.learner
 
 
 @dataclass
@@ -149,6 +168,7 @@ class TrainConfig:
         require(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
         require(self.keep_checkpoints >= 1, f"{where}.keep_checkpoints", "must be >= 1")
         require(self.torch_threads >= 1, f"{where}.torch_threads", "must be >= 1")
+        self.dist.learner_mode(self.algorithm, 2, f"{where}.dist")  # refuses qmix + allreduce at load, not per rank
 
     @property
     def uses_llm(self) -> bool:

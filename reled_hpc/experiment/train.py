@@ -70,8 +70,10 @@ class _StopFlag:
 
 
 class Trainer:
-    """The training loop of one rank. Rank 0 is the learner (it also rolls out); it alone writes
-    the HDF5 dump, checkpoints and TensorBoard. With one rank no MPI is involved."""
+    """The training loop of one rank. Rank 0 alone writes the HDF5 dump, checkpoints and TensorBoard.
+    The update (`dist.learner`) is 'central' (rank 0 learns on every rank's gathered rows and broadcasts
+    the weights) or 'allreduce' (every rank learns on its own rows, gradients summed; replicas stay
+    identical without a weight broadcast). With one rank no MPI is involved."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False, comm: Any = None) -> None:
         from ..dist.comm import SerialComm
@@ -90,6 +92,8 @@ class Trainer:
         self.env = NavigationEnv(dataclasses.replace(cfg.env, n_agents=self.n_agents))
         self.algorithm = get_algorithm(cfg.algorithm)
         self.learner: Learner = self.algorithm.make_learner(cfg, len(NavigationEnv.GLOBAL_FEATURES))
+        # one rank has nothing to reduce: the central path (bitwise the same update)
+        self.allreduce = cfg.dist.learner_mode(cfg.algorithm, self.size) == "allreduce" and self.size > 1
         self._llm_server: Any = None
         self.expert: ExpertSource | None = self._make_expert()
         self._programs: list[dict[str, Any]] = []
@@ -101,6 +105,14 @@ class Trainer:
         if self.root:
             self._init_root(resume)
         self.start_iteration = int(self.comm.bcast_obj(self.start_iteration))
+        if self.allreduce:
+            # once: rank 0's learner (fresh, or the checkpoint's weights, Adam state and shuffle RNG) on every
+            # rank; from here identical gradients keep the replicas identical
+            state = self.comm.bcast_obj(self.learner.state_dict() if self.root else None)
+            if not self.root:
+                self.learner.load_state_dict(state)
+            if self.root:
+                log.info("data-parallel update (dist.learner=allreduce) over %d ranks", self.size)
         pc = cfg.probe
         self.probe = InteractionProbe(
             derive_seed("probe", cfg.seed, self.rank),
@@ -418,10 +430,13 @@ class Trainer:
         """One iteration on every rank; returns the metrics row on rank 0 (None elsewhere)."""
         comm = self.comm
         t0 = time.perf_counter()
-        weights = self.learner.flat_weights() if self.root else np.empty(self._n_weights(), np.float32)
-        weights = comm.bcast_array(weights)
-        if not self.root:
-            self.learner.load_flat_weights(weights)
+        bcast_bytes = 0
+        if not self.allreduce:  # central: rank 0's new weights reach the rollout ranks
+            weights = self.learner.flat_weights() if self.root else np.empty(self._n_weights(), np.float32)
+            weights = comm.bcast_array(weights)
+            if not self.root:
+                self.learner.load_flat_weights(weights)
+            bcast_bytes = weights.nbytes * (self.size - 1)
         t_b = time.perf_counter() - t0
         agent, expert, alpha, dtw, vec = self._local_rollout(it)
         t1 = time.perf_counter()
@@ -435,17 +450,30 @@ class Trainer:
         self._programs = []
         t2 = time.perf_counter()
         comm_bytes = comm.bytes_moved() - bytes0
+        reduce_s = 0.0
+        if self.allreduce:
+            # every rank learns on its own rows (the gathers above only feed the dump and metrics)
+            bytes1, s1 = comm.bytes_moved(), comm.seconds_in_allreduce()
+            stats = self.learner.update(agent, expert, self._global_alpha(alpha) if expert is not None else None,
+                                        self.n_agents_total, comm=comm)  # fmt: skip
+            k = self.cfg.dist.sync_check_every
+            if k and (it + 1) % k == 0:
+                self._check_replicas(it)
+            reduce_s = comm.seconds_in_allreduce() - s1
+            comm_bytes += comm.bytes_moved() - bytes1
         if not self.root:
             return None
         assert agent_all is not None and ad_all is not None and vecs is not None
         alpha_all = ad_all["alpha"] if expert_all is not None else None
-        stats = self.learner.update(agent_all, expert_all, alpha_all, self.n_agents_total)
+        if not self.allreduce:
+            stats = self.learner.update(agent_all, expert_all, alpha_all, self.n_agents_total)
         t3 = time.perf_counter()
         self.env_steps += rank_env_steps(vecs)
         timings = {
-            "comm_s": t_b + (t2 - t1),
-            "comm_bytes": float(comm_bytes + weights.nbytes * (self.size - 1)),
-            "update_s": t3 - t2,
+            # allreduce: the gradient/statistic allreduces (with waiting for the slowest rank) count as comm
+            "comm_s": t_b + (t2 - t1) + reduce_s,
+            "comm_bytes": float(comm_bytes + bcast_bytes),
+            "update_s": t3 - t2 - reduce_s,
             "ranks": float(self.size),
         }
         metrics = iteration_row(it, self.env_steps, vecs, alpha_all, ad_all["dtw"], stats, timings)
@@ -467,6 +495,23 @@ class Trainer:
                     self.tb.add_scalar(k, v, it)
             self.tb.flush()
         return metrics
+
+    def _global_alpha(self, alpha: np.ndarray) -> np.ndarray:
+        """This rank's alphas at their global agent ids (the data-parallel update reads only its own agents')."""
+        out = np.ones(self.n_agents_total, np.float32)
+        out[self.agent_offset : self.agent_offset + self.n_agents] = alpha
+        return out
+
+    def _check_replicas(self, it: int) -> None:
+        """Every rank holds bitwise the same weights and Adam moments (one small allreduce); raised alike on
+        every rank otherwise (the job then aborts: a drifted replica trains another policy)."""
+        from ..dist.comm import same_on_all_ranks
+
+        opt = getattr(self.learner, "opt", None)
+        moments = [v.numpy() for st in (opt.state_dict()["state"].values() if opt else ()) for v in st.values()
+                   if isinstance(v, torch.Tensor)]  # fmt: skip
+        if not same_on_all_ranks(self.comm, [self.learner.flat_weights(), *moments]):
+            raise ReledError(f"iteration {it}: the ranks' learner replicas differ (weights or Adam state)")
 
     def _gamma(self) -> float:
         """The learner's discount, for the probe's return scale."""
@@ -583,7 +628,9 @@ def train(config: Path | str | TrainConfig | None, *, resume: Path | None = None
                     log.warning("run folder %s held a run that committed no iteration: its files were moved to %s",
                                 run, replaced)  # fmt: skip
                 if comm.size > 1:
-                    log.info("%d MPI ranks, rank 0 is the learner", comm.size)
+                    mode = cfg.dist.learner_mode(cfg.algorithm, comm.size)
+                    log.info("%d MPI ranks, %s update", comm.size,
+                             "data-parallel (allreduce)" if mode == "allreduce" else "central (rank 0)")  # fmt: skip
             comm.barrier()
             trainer = Trainer(cfg, run.path, resume=resume is not None, comm=comm)
             try:

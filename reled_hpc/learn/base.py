@@ -19,8 +19,12 @@ class Learner(Protocol):
     def reseed_actor(self, seed: int) -> None: ...
     def actor(self, greedy: bool = False) -> Actor: ...
 
-    def update(self, batch: Batch, expert: Batch | None, alpha: np.ndarray | None, n_agents: int) -> dict[str, float]:
-        """One update on every rank's rows (rank 0); returns loss statistics by name."""
+    def update(
+        self, batch: Batch, expert: Batch | None, alpha: np.ndarray | None, n_agents: int, comm: Any = None
+    ) -> dict[str, float]:
+        """One update; returns loss statistics by name. Central (comm None): every rank's rows, on rank 0.
+        Data-parallel (a comm of R > 1 ranks, PPO family only): this rank's rows, called on every rank,
+        the result equal to the central update on all ranks' rows (see PPOLearner.update)."""
         ...
 
     def flat_weights(self) -> np.ndarray: ...

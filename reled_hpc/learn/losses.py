@@ -246,6 +246,7 @@ def hybrid_loss(
     bc_per_sample: Tensor,
     bc_agent: Tensor,
     alpha: Tensor,
+    n_active: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The HPO objective over N agents (alpha has shape (N,), agent indices in [0, N)):
 
@@ -262,6 +263,10 @@ def hybrid_loss(
     for such agents sets alpha_i = 1 (the natural value: no expert, no distance). Symmetrically an
     agent without PPO rows contributes only (1 - alpha_i) * mean_i(L_BC). alpha is treated as a
     constant (no gradient).
+
+    `n_active`: N_active counted over rows held elsewhere too (the data-parallel update: each rank
+    passes its own rows and the global count; agents are disjoint across ranks, so the per-rank
+    losses then sum to the global one). None: counted from these rows.
     """
     if alpha.ndim != 1:
         raise ValueError(f"alpha must have shape (N,), got {tuple(alpha.shape)}")
@@ -275,9 +280,9 @@ def hybrid_loss(
     ppo_mean = ppo_sum / ppo_cnt.clamp(min=1.0)
     bc_mean = bc_sum / bc_cnt.clamp(min=1.0)
     active = (ppo_cnt > 0) | (bc_cnt > 0)
-    n_active = active.sum().clamp(min=1).to(dtype)
+    n_act = active.sum().clamp(min=1).to(dtype) if n_active is None else max(float(n_active), 1.0)
     per_agent = a * ppo_mean + (1.0 - a) * bc_mean
-    loss = per_agent.sum() / n_active
+    loss = per_agent.sum() / n_act
 
     with torch.no_grad():
         has_ppo, has_bc = ppo_cnt > 0, bc_cnt > 0

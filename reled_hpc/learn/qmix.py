@@ -372,11 +372,22 @@ class QMIXLearner:
                 "group_size": float(slot.sum(1).float().mean())}  # fmt: skip
 
     def update(
-        self, batch: Batch, expert: Batch | None = None, alpha: np.ndarray | None = None, n_agents: int = 0
+        self,
+        batch: Batch,
+        expert: Batch | None = None,
+        alpha: np.ndarray | None = None,
+        n_agents: int = 0,
+        comm: Any = None,
     ) -> dict[str, float]:
         """Store the batch's groups, then `updates_per_iteration` gradient steps on replayed groups.
         expert/alpha/n_agents are accepted for interface parity and ignored (QMIX is a baseline).
-        Advances the iteration counter (epsilon schedule) by one."""
+        Advances the iteration counter (epsilon schedule) by one.
+
+        QMIX trains centrally only (rank 0, every rank's rows): the replay, the uniform sampling of groups
+        over all of it, and the target networks are one learner's state; a data-parallel update would need a
+        sharded replay sampled by global group index (docs/architecture.md). A comm of > 1 rank is refused."""
+        if comm is not None and comm.size > 1:
+            raise ValueError("QMIX has no data-parallel update: train it with dist.learner=central")
         self.replay.add(batch)
         stats: dict[str, list[float]] = {}
         if self.replay.n_groups:
