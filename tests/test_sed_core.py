@@ -376,3 +376,48 @@ def test_json_plan_errors_are_clear():
         extract_json_plan('{"calls": [{"agent": "v", "op": "move_to_by_shortest_path", "args": ["A", "B"]}]}')
     with pytest.raises(ReplyFormatError, match="calls"):
         json_plan_to_program({"routes": []})
+
+
+# ---------------------------------------------------------------------------------------------
+# programs/routes_changed (issue 13): written and read back; part of schema version 3
+# ---------------------------------------------------------------------------------------------
+
+
+def test_routes_changed_column_round_trip(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import h5py
+
+    from reled_hpc.errors import DumpError
+    from reled_hpc.expert.summary import sed_summary
+    from reled_hpc.io import TrajectoryReader, TrajectoryWriter
+    from reled_hpc.io import schema as S
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from h5_crash_child import A_MAX, OBS_DIM, expected_metrics, expected_rows
+
+    col = S.PROGRAM_COLUMN_BY_NAME["routes_changed"]
+    assert col.dtype == np.uint8 and col.units == "bool" and col.description
+    rows = [
+        {"cycle": 0, "subset": 0, "round": r, "text": f"p{r}", "executed": True, "routes_changed": c,
+         "completion_tokens": 5}
+        for r, c in ((1, 0), (2, 1), (3, 0))
+    ]  # fmt: skip
+    path = tmp_path / "run.h5"
+    with TrajectoryWriter(path, config_yaml="seed: 0\n", obs_dim=OBS_DIM, a_max=A_MAX) as w:
+        for g in ("agent", "expert"):
+            w.append_rows(g, expected_rows(0, g))
+        w.append_programs(rows)
+        w.end_iteration(expected_metrics(0))
+    with TrajectoryReader(path) as r:
+        p, m = r.programs(), r.metrics()
+        assert p["routes_changed"].tolist() == [0, 1, 0] and p["routes_changed"].dtype == np.uint8
+    s = sed_summary(p, m)
+    assert s.revisions_routes_changed == 1
+    # the column is part of version 3: a file without it is refused by name, not misread
+    with h5py.File(path, "r+") as f:
+        assert f.attrs["schema_version"] == 3
+        del f["programs/routes_changed"]
+    with pytest.raises(DumpError, match="routes_changed"):
+        TrajectoryReader(path)

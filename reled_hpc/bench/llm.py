@@ -1,89 +1,316 @@
-"""One SED refinement cycle against a real LLM server: wall time with all subsets' requests in flight
-vs one request at a time (their ratio), tokens/s, execution rate, and RVI/PDI before and after
-refinement. By default the embedded server with the shipped model; `--endpoint URL` for any
-OpenAI-compatible server (vLLM)."""
+"""SED against a real LLM server: per-request latency of the v1 and v2 prompt layouts (one server each,
+the same cycles), the share of prompt tokens the server's prefix cache served, whether revisions change
+the routes and improve on round 1, and (`--prompt-scale`) the measured prompt size for large subsets.
+
+By default the embedded server (llama.cpp) with the shipped model; `--endpoint URL` for any
+OpenAI-compatible server (then no server log, so no cache share); `--vllm-endpoint URL` adds
+`reled_hpc.bench.vllm.measure_concurrency` on a vLLM server.
+
+v1 runs as SED ran before the v2 work (v1 layout, no stop sequence, revisions at temperature 0); v2 with
+the SEDConfig defaults (v2 layout, stop at the closing fence, revision_temperature, revision_candidates).
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import re
+import statistics
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..expert.config import SEDConfig
 from ..expert.llm_expert import LLMExpert
-from ..sim.env import EnvConfig, NavigationEnv
+from ..sim.env import CAND_FEATURES, SELF_FEATURES, EnvConfig, NavigationEnv
+
+SCALE_SIZES = (10, 50, 250, 1000)
+SCALE_MAPS = ("helsinki", "ingolstadt")
+DETOUR_LOGIT_PER_KM = 20.0  # the "shortest" stand-in policy: a 100 m detour costs a factor e^2
+# llama.cpp's per-request timing line: the prompt tokens it actually evaluated (the rest came from a cache)
+_PROMPT_EVAL = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
+_GEN_EVAL = re.compile(r"\s eval time =\s*([\d.]+) ms /\s*(\d+) runs")
 
 
-def _uniform_policy(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def uniform_policy(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """A fresh policy (uniform over valid candidates), the state SED meets at the start of training."""
     m = np.asarray(mask, bool)
-    logp = np.where(m, -np.log(np.maximum(m.sum(1, keepdims=True), 1)), -np.inf)
-    return logp
+    return np.where(m, -np.log(np.maximum(m.sum(1, keepdims=True), 1)), -np.inf)
 
 
-def _cycle(client: Any, env: NavigationEnv, sed: SEDConfig, seed: int) -> dict[str, Any]:
-    expert = LLMExpert(client, sed, _uniform_policy, seed=seed)
-    t0 = time.perf_counter()
-    _, stats = expert.demonstrate(env, seed, 0)
-    wall = time.perf_counter() - t0
-    tokens = float(stats.get("completion_tokens", 0))
+def shortest_policy(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A stand-in for a trained policy (docs/sed.md: after training its argmax is the shortest-path
+    edge at 98 % of decisions): log-softmax of -DETOUR_LOGIT_PER_KM x the candidate's detour."""
+    m = np.asarray(mask, bool)
+    a_max, k = m.shape[1], len(CAND_FEATURES)
+    j = len(SELF_FEATURES) + np.arange(a_max) * k + CAND_FEATURES.index("detour")
+    logits = np.where(m, -DETOUR_LOGIT_PER_KM * np.asarray(obs, np.float64)[:, j], -np.inf)
+    top = logits.max(1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+
+
+POLICIES = {"uniform": uniform_policy, "shortest": shortest_policy}
+
+
+def prompt_eval_tokens(log_text: str) -> list[int]:
+    """Prompt tokens llama.cpp evaluated per request, in the order it served them (its server log)."""
+    return [int(m.group(2)) for m in _PROMPT_EVAL.finditer(log_text)]
+
+
+def server_rates(log_text: str) -> dict[str, float]:
+    """ms per prompt token evaluated and per token generated, over the log: how loaded the CPU was (the
+    cores are shared, so latencies of two phases compare only together with these)."""
+    out = {}
+    for key, rx in (("prompt_eval_ms_per_token", _PROMPT_EVAL), ("generation_ms_per_token", _GEN_EVAL)):
+        pairs = [(float(m.group(1)), int(m.group(2))) for m in rx.finditer(log_text)]
+        n = sum(k for _, k in pairs)
+        out[key] = sum(ms for ms, _ in pairs) / n if n else math.nan
+    return out
+
+
+def cache_hit_share(prompt_tokens: list[int], evaluated: list[int]) -> float:
+    """Cached prompt tokens / prompt tokens over every request after the first one served (the first one
+    of a fresh server has nothing cached); NaN when unknown."""
+    if len(evaluated) != len(prompt_tokens) or len(evaluated) < 2:
+        return math.nan
+    total = sum(prompt_tokens) - evaluated[0]  # the first served request evaluated its whole prompt
+    return 1.0 - (sum(evaluated) - evaluated[0]) / total if total > 0 else math.nan
+
+
+class _Recorder:
+    """An LLMClient that keeps every Request it is asked (to replay them against vLLM)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.requests: list[Any] = []
+
+    def complete_many(self, requests: Any, **kw: Any) -> list[Any]:
+        self.requests += list(requests)
+        return self._client.complete_many(requests, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def _cycles(client: Any, env: NavigationEnv, sed: SEDConfig, seeds: list[int], policy: str) -> dict[str, Any]:
+    rows, latencies, prompts, completions = [], [], [], []
+    client = _Recorder(client)
+    for seed in seeds:
+        expert = LLMExpert(client, replace(sed), POLICIES[policy], seed=seed)
+        t0 = time.perf_counter()
+        _, st = expert.demonstrate(env, seed, 0)
+        wall = time.perf_counter() - t0
+        progs = st["programs"]
+        lat = [p["latency_s"] for p in progs if math.isfinite(p["latency_s"])]
+        latencies += lat
+        prompts += [p["prompt_tokens"] for p in progs if p["prompt_tokens"] >= 0]
+        completions += [p["completion_tokens"] for p in progs if p["completion_tokens"] >= 0]
+        above1 = st["rvi_max_round1"] > sed.tau_R or st["pdi_max_round1"] > sed.tau_P
+        improved = st["rvi_max"] < st["rvi_max_round1"] or st["pdi_max"] < st["pdi_max_round1"]
+        rows.append(
+            {
+                "seed": seed,
+                "wall_s": round(wall, 2),
+                "requests": len(lat),
+                "rounds": st["rounds"],
+                "programs": st["programs_generated"],
+                "executed": st["programs_executed"],
+                "revisions": st["revisions"],
+                "revisions_changed_routes": st["revisions_changed_routes"],
+                "rvi_round1": st["rvi_max_round1"],
+                "rvi_accepted": st["rvi_max"],
+                "pdi_round1": st["pdi_max_round1"],
+                "pdi_accepted": st["pdi_max"],
+                "above_threshold_round1": bool(above1),
+                "improved": bool(above1 and improved),
+                "error": st.get("error"),
+            }
+        )
+    gen = sum(r["programs"] for r in rows)
     return {
-        "wall_s": round(wall, 2),
-        "llm_latency_sum_s": round(float(stats.get("llm_latency_s", np.nan)), 2),
-        "completion_tokens": int(tokens),
-        "prompt_tokens": int(stats.get("prompt_tokens", 0)),
-        "completion_tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
-        "execution_rate": stats.get("execution_rate"),
-        "programs_generated": stats.get("programs_generated"),
-        "rounds": stats.get("rounds"),
-        "rvi_max_round1": stats.get("rvi_max_round1"),
-        "rvi_max_final": stats.get("rvi_max"),
-        "pdi_max_round1": stats.get("pdi_max_round1"),
-        "pdi_max_final": stats.get("pdi_max"),
-        "error": stats.get("error"),
+        "requests": len(latencies),
+        "request_latency_s": statistics.fmean(latencies) if latencies else math.nan,
+        "request_latency_median_s": statistics.median(latencies) if latencies else math.nan,
+        "prompt_tokens_mean": statistics.fmean(prompts) if prompts else math.nan,
+        "completion_tokens_mean": statistics.fmean(completions) if completions else math.nan,
+        "prompt_tokens": prompts,
+        "latencies": latencies,
+        "recorded": client.requests,
+        "execution_rate": sum(r["executed"] for r in rows) / gen if gen else math.nan,
+        "cycles": rows,
     }
+
+
+def _layout(args: argparse.Namespace, sed: SEDConfig, seeds: list[int], label: str) -> dict[str, Any]:
+    """The cycles on a fresh server (nothing cached from the other layout) and its cache share."""
+    from ..llm.server import EmbeddedServer, Endpoint
+
+    env_cfg = EnvConfig(map=args.map, n_agents=args.agents, traffic="light", horizon_s=900.0, seed=args.seed)
+    with contextlib.ExitStack() as stack:
+        log_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / f"server_{label}.log"
+        if args.endpoint:
+            ep = Endpoint(base_url=args.endpoint.rstrip("/"), model=args.model, backend="vllm")
+            srv = None
+        else:
+            srv = stack.enter_context(EmbeddedServer(args.model, n_threads=args.threads, log_path=log_path))
+            ep = srv.endpoint
+        env = stack.enter_context(NavigationEnv(env_cfg))
+        # one request at a time: a request's latency is its own, not time queued behind another subset's
+        out = _cycles(ep.client(max_concurrency=1, cache=None), env, sed, seeds, args.policy)
+        out["backend"], out["model"] = ep.backend, ep.model
+        text = log_path.read_text(errors="replace") if srv is not None else ""
+        evaluated = prompt_eval_tokens(text)
+        out.update(server_rates(text))
+    out["prompt_eval_tokens"] = evaluated
+    out["prompt_eval_tokens_mean"] = statistics.fmean(evaluated) if evaluated else math.nan
+    out["prefix_cache_hit_share"] = cache_hit_share(out["prompt_tokens"], evaluated)
+    return out
+
+
+def prompt_scale(model: str, n_ctx: int = 4096, max_tokens: int = 512) -> list[dict[str, Any]]:
+    """Measured prompt tokens (the model's tokenizer, ChatML as Qwen2.5's template writes it) of a round-1
+    code-mode plan prompt, v1 and v2, per map and subset size; agents at random edges, random congestion
+    (every capped list full: the largest prompt the summary makes)."""
+    from llama_cpp import Llama
+
+    from ..expert.prompts import SUMMARY_LIMITS, build_plan_messages, summarise_map, summarise_subset
+    from ..llm.models import resolve_model
+    from ..sim.maps import resolve_map
+
+    tok = Llama(model_path=str(resolve_model(model)), vocab_only=True, verbose=False)
+
+    def n_tokens(msgs: list[dict[str, str]]) -> int:
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+        return len(tok.tokenize((text + "<|im_start|>assistant\n").encode(), add_bos=False, special=True))
+
+    out = []
+    for name in SCALE_MAPS:
+        graph = resolve_map(name).graph
+        rng = np.random.default_rng(0)
+        occ = np.clip(rng.beta(0.5, 3, graph.n_edges), 0, 1)
+        for n in SCALE_SIZES:
+            e, d = rng.integers(0, graph.n_edges, n), rng.integers(0, graph.n_edges, n)
+            agents = [
+                {"id": f"veh{i}", "edge": int(a), "dest": int(b)} for i, (a, b) in enumerate(zip(e, d, strict=True))
+            ]
+            total = 4 * n
+            ms = summarise_map(graph, occ, map_name=name, n_subsets=4, n_total=total)
+            row: dict[str, Any] = {"map": name, "agents": n}
+            for v in ("v1", "v2"):
+                lim = SUMMARY_LIMITS.get(v, {})
+                s = summarise_subset(graph, agents, occ, map_name=name, subset=1, n_subsets=4, n_total=total, **lim)
+                msgs = build_plan_messages(s, "code", v, ms)
+                row[f"tokens_{v}"] = n_tokens(msgs)
+                if v == "v2":  # the part after the prefix every subset of the cycle shares
+                    shared = msgs[1]["content"].index("\n\n### SUBSET\n")
+                    row["tokens_v2_subset_part"] = row["tokens_v2"] - n_tokens(
+                        [msgs[0], {"role": "user", "content": msgs[1]["content"][:shared]}]
+                    )
+            row["fits_n_ctx"] = max(row["tokens_v1"], row["tokens_v2"]) + max_tokens <= n_ctx
+            out.append(row)
+    return out
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b", help="embedded registry model or GGUF path")
     p.add_argument("--endpoint", default="", help="an OpenAI-compatible base URL instead of the embedded server")
-    p.add_argument("--map", default="grid")
-    p.add_argument("--agents", type=int, default=8)
+    p.add_argument("--vllm-endpoint", default="", help="a vLLM base URL: also measure its concurrency ratio")
+    p.add_argument("--map", default="helsinki")
+    p.add_argument("--agents", type=int, default=10)
     p.add_argument("--subsets", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="R_max")
-    p.add_argument("--tau-r", type=float, default=50.0)
-    p.add_argument("--tau-p", type=float, default=0.5)
+    p.add_argument("--rounds", type=int, default=3, help="R_max")
+    p.add_argument("--cycles", type=int, default=6, help="cycles (scenarios) with the v2 layout")
+    p.add_argument("--v1-cycles", type=int, default=2, help="of the same cycles, how many run with v1 too")
+    p.add_argument("--tau-r", type=float, default=None, help="default: SEDConfig's")
+    p.add_argument("--tau-p", type=float, default=None, help="default: SEDConfig's")
+    p.add_argument("--policy", choices=sorted(POLICIES), default="shortest", help="the policy PDI/RVI compare with")
+    p.add_argument("--candidates", type=int, default=None, help="sed.revision_candidates (default: SEDConfig's)")
+    p.add_argument("--max-tokens", type=int, default=None, help="sed.max_tokens (default: SEDConfig's)")
+    p.add_argument("--threads", type=int, default=None, help="embedded server threads (default: half the cores)")
+    p.add_argument("--prompt-scale", action="store_true", help="only measure prompt tokens for large subsets")
     p.add_argument("--seed", type=int, default=0)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..llm.server import EmbeddedServer, Endpoint
+def _r(x: float, nd: int = 3) -> float | None:
+    return round(x, nd) if isinstance(x, float | int) and math.isfinite(x) else None
 
-    sed = SEDConfig(m=args.subsets, r_max_rounds=args.rounds, tau_R=args.tau_r, tau_P=args.tau_p)
-    env_cfg = EnvConfig(map=args.map, n_agents=args.agents, traffic="light", horizon_s=900.0, seed=args.seed)
-    with contextlib.ExitStack() as stack:
-        if args.endpoint:
-            ep = Endpoint(base_url=args.endpoint.rstrip("/"), model=args.model, backend="vllm")
-        else:
-            ep = stack.enter_context(EmbeddedServer(args.model)).endpoint
-        env = stack.enter_context(NavigationEnv(env_cfg))
-        # the same cycle twice: all subsets in flight, then one request at a time (no response cache)
-        concurrent = _cycle(ep.client(max_concurrency=max(args.subsets, 1)), env, sed, args.seed)
-        sequential = _cycle(ep.client(max_concurrency=1), env, sed, args.seed)
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.prompt_scale:
+        return {"bench": "llm", "prompt_scale": prompt_scale(args.model), "model": args.model}
+    base = SEDConfig(m=args.subsets, r_max_rounds=args.rounds)
+    over: dict[str, Any] = {}
+    if args.tau_r is not None:
+        over["tau_R"] = args.tau_r
+    if args.tau_p is not None:
+        over["tau_P"] = args.tau_p
+    if args.candidates is not None:
+        over["revision_candidates"] = args.candidates
+    if args.max_tokens is not None:
+        over["max_tokens"] = args.max_tokens
+    v2 = replace(base, template_version="v2", **over)
+    # v1 as SED ran before: v1 layout, no stop sequence, revisions at temperature 0 (same thresholds)
+    v1 = replace(v2, template_version="v1", stop_at_fence=False, revision_temperature=0.0, revision_candidates=1)
+    seeds = [args.seed + i for i in range(args.cycles)]
+    r1 = _layout(args, v1, seeds[: args.v1_cycles], "v1") if args.v1_cycles > 0 else None
+    r2 = _layout(args, v2, seeds, "v2")
+    lat1 = r1["request_latency_s"] if r1 else math.nan
+    lat2 = r2["request_latency_s"]
+    # the ratio compares v1 and v2 on the same cycles (the first v1_cycles)
+    n_same = sum(c["requests"] for c in r2["cycles"][: args.v1_cycles])
+    lat2_same = statistics.fmean(r2["latencies"][:n_same]) if n_same else math.nan
+    revisions = sum(c["revisions"] for c in r2["cycles"])
+    changed = sum(c["revisions_changed_routes"] for c in r2["cycles"])
+    above = [c for c in r2["cycles"] if c["above_threshold_round1"]]
+    vllm_ratio = None
+    if args.vllm_endpoint:
+        from ..llm.server import Endpoint
+        from . import vllm as vllm_bench  # lazily: written separately, and it may need packages
+
+        ep = Endpoint(base_url=args.vllm_endpoint.rstrip("/"), model=args.model, backend="vllm")
+        vllm_ratio = vllm_bench.measure_concurrency(ep.client(), r2["recorded"])
+    for r in (r1, r2):  # per-request lists: kept out of the one-line JSON
+        for key in ("prompt_tokens", "prompt_eval_tokens", "latencies", "recorded"):
+            if r:
+                r.pop(key, None)
     return {
         "bench": "llm",
-        "backend": ep.backend,
-        "model": ep.model,
+        "model": r2["model"],
+        "backend": r2["backend"],
         "map": args.map,
         "agents": args.agents,
         "subsets": args.subsets,
         "r_max": args.rounds,
-        "concurrent": concurrent,
-        "sequential": sequential,
-        "sequential_over_concurrent_wall": round(sequential["wall_s"] / concurrent["wall_s"], 2)
-        if concurrent["wall_s"]
-        else None,
+        "policy": args.policy,
+        "tau_R": v2.tau_R,
+        "tau_P": v2.tau_P,
+        "revision_temperature": v2.revision_temperature,
+        "revision_candidates": v2.revision_candidates,
+        "request_latency_s_v1": _r(lat1),
+        "request_latency_s_v2": _r(lat2),
+        "request_latency_s_v2_same_cycles": _r(lat2_same),
+        "speedup_v2_over_v1": _r(lat1 / lat2_same) if lat2_same and math.isfinite(lat2_same) else None,
+        "prefix_cache_hit_share": _r(r2["prefix_cache_hit_share"]),
+        "prefix_cache_hit_share_v1": _r(r1["prefix_cache_hit_share"]) if r1 else None,
+        "prompt_tokens_mean_v1": _r(r1["prompt_tokens_mean"], 1) if r1 else None,
+        "prompt_tokens_mean_v2": _r(r2["prompt_tokens_mean"], 1),
+        "completion_tokens_mean_v1": _r(r1["completion_tokens_mean"], 1) if r1 else None,
+        "completion_tokens_mean_v2": _r(r2["completion_tokens_mean"], 1),
+        "prompt_eval_tokens_mean_v1": _r(r1["prompt_eval_tokens_mean"], 1) if r1 else None,
+        "prompt_eval_tokens_mean_v2": _r(r2["prompt_eval_tokens_mean"], 1),
+        "execution_rate_v1": _r(r1["execution_rate"]) if r1 else None,
+        "execution_rate_v2": _r(r2["execution_rate"]),
+        "revisions": revisions,
+        "revisions_changed_routes_share": _r(changed / revisions) if revisions else None,
+        "cycles": len(r2["cycles"]),
+        "cycles_above_threshold_round1": len(above),
+        "cycles_improved_share": _r(sum(c["improved"] for c in above) / len(above)) if above else None,
+        "vllm_concurrency_ratio": vllm_ratio,
+        "v1": r1,
+        "v2": r2,
     }

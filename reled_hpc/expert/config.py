@@ -16,12 +16,12 @@ class SEDConfig:
     """Subsets the agents are split into at random per refinement cycle, one LLM program each (>= 1)."""
     mode: Literal["code", "json"] = "code"
     """'code': the LLM writes a plan(api) program; 'json': a JSON plan listing every agent (small subsets)."""
-    # 350 = rvi_at_uniform_kl(0.25, 5, 0.99): the RVI of a 5-agent subset (the demo's: 10 agents per rank,
-    # m = 2) whose every agent is at max KL 0.25 nats from the policy; RVI grows with the subset
-    # (docs/sed.md, "Thresholds")
-    tau_R: float = 350.0
+    # calibrated from measured cycles (docs/sed.md, "Thresholds"): just above the p90 of a shortest-path plan's
+    # indices on 5-agent subsets (the demo's: 10 agents per rank, m = 2), so a good plan is accepted in round 1
+    # and a detour the policy would not take is revised; 750 = rvi_at_uniform_kl(1.15, 5, 0.99)
+    tau_R: float = 750.0
     """RVI threshold (unit-free, >= 0): a plan above it is revised; set for 5-agent subsets, scale by |S_k| / 5."""
-    tau_P: float = 0.5
+    tau_P: float = 2.0
     """PDI threshold in nats (>= 0): a plan whose max KL from the policy is above it is revised."""
     r_max_rounds: int = 3
     """R_max: LLM rounds per cycle, round 1 included (>= 1)."""
@@ -42,9 +42,15 @@ class SEDConfig:
     temperature: float = 0.0
     """LLM sampling temperature (>= 0); only temperature-0 answers are cached (llm.cache)."""
     max_tokens: int = 512
-    """Most tokens the LLM may generate per answer (>= 1)."""
-    template_version: str = "v1"
-    """Prompt template set: reled_hpc/expert/prompt_templates/<version>/."""
+    """Most tokens the LLM may generate per answer (>= 1); code answers also stop at the closing fence."""
+    stop_at_fence: bool = True
+    """Code mode: stop generating at the code block's closing fence (prompts.CODE_STOP), not after prose."""
+    revision_temperature: float = 0.7
+    """Sampling temperature of revisions (round >= 2, >= 0): at 0 a small model repeats its round-1 answer."""
+    revision_candidates: int = 1
+    """Answers sampled per revision and subset (>= 1); each is driven and scored, the best is kept."""
+    template_version: str = "v2"
+    """Prompt template set: reled_hpc/expert/prompt_templates/<version>/ (v2: shared prefix first)."""
     measure_external: bool = True
     """Drive 1 + m extra episodes per cycle to measure the other agents' return change (a logged metric)."""
 
@@ -62,3 +68,13 @@ class SEDConfig:
         require(self.mem_mb >= 32, f"{where}.mem_mb", f"must be >= 32, got {self.mem_mb}")
         require(self.temperature >= 0, f"{where}.temperature", f"must be >= 0, got {self.temperature}")
         require(self.max_tokens >= 1, f"{where}.max_tokens", f"must be >= 1, got {self.max_tokens}")
+        require(
+            self.revision_temperature >= 0,
+            f"{where}.revision_temperature",
+            f"must be >= 0, got {self.revision_temperature}",
+        )
+        require(
+            isinstance(self.revision_candidates, int) and self.revision_candidates >= 1,
+            f"{where}.revision_candidates",
+            f"must be an integer >= 1, got {self.revision_candidates!r}",
+        )

@@ -30,12 +30,15 @@ from .config import SEDConfig
 from .indices import measured_external_change, pdi, plan_preference, rvi, smoothed_expert_policy
 from .partition import partition_for_cycle
 from .prompts import (
+    CODE_STOP,
+    SUMMARY_LIMITS,
     ReplyFormatError,
     build_feedback_messages,
     build_plan_messages,
     failed_reply_result,
     load_plan_schema,
     program_from_reply,
+    summarise_map,
     summarise_subset,
 )
 from .sandbox import SandboxResult, run_program, snapshot_from
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 ROW_ERROR_BYTES = 4096  # a program row's error text (a sandbox traceback, an LLM request error)
 EXCERPT_BYTES = 300  # of the first bad answer, on the console once per cycle
+NOTED_DRIVERS = 3  # agents with the largest KL named, with their route, in a revision's feedback
 
 
 @dataclass
@@ -58,6 +62,7 @@ class _Plan:
     rvi: float = math.nan
     pdi: float = math.nan
     drivers: dict[str, dict[str, float]] = field(default_factory=dict)
+    routes_changed: bool = False  # a revision whose routes differ from its subset's previous answer's
 
     @property
     def routes(self) -> dict[str, list[str]]:
@@ -97,6 +102,7 @@ class LLMExpert:
         self.policy_log_probs = policy_log_probs
         self.seed = int(seed)
         self.name = f"llm:{client.model}"
+        self._graph: Any = None  # the current cycle's road graph, for the feedback's route comparisons
         self._schema = load_plan_schema(self.cfg.template_version) if self.cfg.mode == "json" else None
 
     def set_policy(self, fn: PolicyLogProbs | None) -> None:
@@ -119,6 +125,11 @@ class LLMExpert:
         }
         congestion = self._congestion(env)
         subsets = partition_for_cycle(list(agents), cfg.m, self.seed, seed)
+        self._graph = graph
+        # one map summary per cycle: the identical prefix of every subset's v2 prompt
+        map_summary = summarise_map(
+            graph, congestion, map_name=env.map.name, n_subsets=len(subsets), n_total=len(agents)
+        )
         snaps, first_msgs = [], []
         for k, sub in enumerate(subsets):
             rows = [agents[a] for a in sub]
@@ -131,8 +142,9 @@ class LLMExpert:
                 subset=k + 1,
                 n_subsets=len(subsets),
                 n_total=len(agents),
+                **SUMMARY_LIMITS.get(cfg.template_version, {}),
             )
-            first_msgs.append(build_plan_messages(summary, cfg.mode, cfg.template_version))
+            first_msgs.append(build_plan_messages(summary, cfg.mode, cfg.template_version, map_summary))
 
         programs: list[dict[str, Any]] = []
         results: list[SandboxResult] = []
@@ -148,17 +160,25 @@ class LLMExpert:
         bad: list[_Plan] = []  # answers that gave no valid plan, for one console line per cycle
         n_answers = 0
         drive: tuple[Batch, dict[str, Any], list[bool], dict[str, list[int]]] | None = None
+        revisions = changed = 0
         for rnd in range(1, cfg.r_max_rounds + 1):
+            n_cand = 1 if rnd == 1 else cfg.revision_candidates
+            keys = list(pending)
             try:
-                answers = self._ask(list(pending.values()))
+                answers = self._ask([pending[k] for k in keys for _ in range(n_cand)], rnd, seed, keys, n_cand)
             except LLMUnavailable as e:
                 error = f"LLM unavailable: {e}"
                 then = "fallback demonstration" if rnd == 1 else "keeping the best plans so far"
                 log.warning("SED cycle %d round %d: %s; %s", seed, rnd, error, then)
                 break
             rounds = rnd
-            for k, ans in zip(list(pending), answers, strict=True):
+            cands: list[dict[int, _Plan]] = [{} for _ in range(n_cand)]
+            for i, ans in enumerate(answers):
+                k, c = keys[i // n_cand], i % n_cand
                 plan = self._run(rnd, pending[k], ans, snaps[k])
+                prev = last[k]
+                # a failed answer has no routes: it is no change of routes, only a failure
+                plan.routes_changed = rnd > 1 and prev is not None and bool(plan.routes) and plan.routes != prev.routes
                 if plan.completion is not None:
                     latencies.append(plan.completion.latency_s)
                     tokens[0] += plan.completion.prompt_tokens
@@ -168,23 +188,29 @@ class LLMExpert:
                     n_answers += 1
                     if not plan.result.executed:
                         bad.append(plan)
-                last[k] = plan
-            # one drive scores every subset's current plan (each subset from its own rows)
-            current = {k: (last[k] if k in pending else best[k]) for k in range(len(subsets))}
-            current = {k: p for k, p in current.items() if p is not None}
-            drive = self._drive(env, seed, episode, [p.routes for p in current.values()])
-            self._score(env, drive, subsets, current, set(pending))
-            for k in pending:
-                p = last[k]
-                assert p is not None
-                programs.append(self._program_row(seed, k, p))
-                if best[k] is None or p.rank() < best[k].rank():  # type: ignore[union-attr]
-                    best[k] = p
+                cands[c][k] = plan
+            # one drive per candidate scores every subset's current plan (each subset from its own rows)
+            for cand in cands:
+                current = {k: cand.get(k, best[k]) for k in range(len(subsets))}
+                current = {k: p for k, p in current.items() if p is not None}
+                drive = self._drive(env, seed, episode, [p.routes for p in current.values()])
+                self._score(env, drive, subsets, current, set(cand))
+            for k in keys:
+                for cand in cands:
+                    programs.append(self._program_row(seed, k, cand[k]))
+                chosen = min((cand[k] for cand in cands), key=lambda p: p.rank())  # first on ties
+                if rnd > 1:
+                    revisions += 1
+                    changed += int(chosen.routes_changed)
+                last[k] = chosen
+                if best[k] is None or chosen.rank() < best[k].rank():  # type: ignore[union-attr]
+                    best[k] = chosen
                 if rnd == 1:
-                    round1.append(p)
+                    round1.append(chosen)
             if not cfg.feedback or rnd == cfg.r_max_rounds:
                 break
-            # revise from the latest attempt while even the best one is not good enough
+            # revise from the latest attempt while even the best one is not good enough; a cycle whose
+            # subsets are all accepted stops here
             pending = {k: self._feedback(last[k]) for k in range(len(subsets)) if self._needs_revision(best[k])}
             if not pending:
                 break
@@ -213,6 +239,8 @@ class LLMExpert:
             "tokens": tokens[0] + tokens[1],
             "cache_hits": cache_hits,  # answers from the client's response cache (no model call)
             "rounds": rounds,
+            "revisions": revisions,  # subset revisions (round >= 2), the kept candidate of each
+            "revisions_changed_routes": changed,  # of them, those whose routes differ from the previous answer
             "subsets": len(subsets),
             "expert_agents": sum(len(r) for r in final_routes),
             "llm_rows": int(np.sum(llm_rows)),
@@ -236,10 +264,29 @@ class LLMExpert:
                 out[e] = (occupancy_fraction(occ), float(spd))
         return out
 
-    def _ask(self, messages: list[list[dict[str, str]]]) -> list[Completion | BaseException]:
-        """All requests at once; LLMUnavailable only when no request got an answer."""
+    def _ask(
+        self,
+        messages: list[list[dict[str, str]]],
+        rnd: int = 1,
+        cycle: int = 0,
+        keys: list[int] | None = None,
+        n_cand: int = 1,
+    ) -> list[Completion | BaseException]:
+        """All requests at once; LLMUnavailable only when no request got an answer. Revisions sample at
+        revision_temperature with a seed per (cycle, subset, round, candidate): a real new attempt that
+        is still reproducible (a resumed run asks the same)."""
         cfg = self.cfg
-        reqs = [Request(m, cfg.temperature, cfg.max_tokens, self._schema) for m in messages]
+        temp = cfg.temperature if rnd == 1 else cfg.revision_temperature
+        keys = keys if keys is not None else list(range(len(messages)))
+        reqs = []
+        for i, m in enumerate(messages):
+            extra: dict[str, Any] = {}
+            if cfg.mode == "code" and cfg.stop_at_fence:
+                extra["stop"] = [CODE_STOP]
+            if temp > 0:
+                k, c = keys[i // n_cand], i % n_cand
+                extra["seed"] = (self.seed * 1_000_003 + cycle * 10_007 + k * 101 + rnd * 7 + c) % (2**31)
+            reqs.append(Request(m, temp, cfg.max_tokens, self._schema, extra or None))
         out = self.client.complete_many(reqs, return_exceptions=True)
         if out and all(isinstance(o, LLMUnavailable) for o in out):
             raise out[0]
@@ -372,7 +419,28 @@ class LLMExpert:
             errors,
             round_no=p.round + 1,
             template_version=self.cfg.template_version,
+            agent_notes=self._agent_notes(p),
+            repeated=p.round > 1 and not p.routes_changed,
+            answer_text=p.completion.text if p.completion is not None else None,
         )
+
+    def _agent_notes(self, p: _Plan) -> list[str]:
+        """Per agent, what was wrong: the agents whose route failed (and why), then the agents driving
+        an index above its threshold, largest KL first, with their KL and how their route compares
+        with the shortest path (a detour is what the learning agents find unlikely)."""
+        notes = [f"{a}: no valid route ({m})" for a, m in p.result.route_errors.items()]
+        kl = p.drivers.get("PDI", {})
+        cfg = self.cfg
+        if not ((math.isfinite(p.rvi) and p.rvi > cfg.tau_R) or (math.isfinite(p.pdi) and p.pdi > cfg.tau_P)):
+            return notes
+        graph = self._graph
+        for a, v in sorted(kl.items(), key=lambda kv: -kv[1])[:NOTED_DRIVERS]:
+            line = f"{a}: KL {v:.3g} at its worst decision"
+            route = p.routes.get(a)
+            if graph is not None and route:
+                line += "; " + _detour(graph, route)
+            notes.append(line)
+        return notes
 
     @staticmethod
     def _program_row(cycle: int, subset: int, p: _Plan) -> dict[str, Any]:
@@ -391,4 +459,21 @@ class LLMExpert:
             "prompt_tokens": int(c.prompt_tokens) if c is not None else -1,
             "completion_tokens": int(c.completion_tokens) if c is not None else -1,
             "answer_bytes": int(c.answer_bytes) if c is not None else -1,  # UTF-8 size before the cap; -1: none
+            "routes_changed": int(p.routes_changed),  # 0 in round 1
         }
+
+
+def _detour(graph: Any, route: list[str]) -> str:
+    """How a route compares with the shortest path between its ends, in words for the feedback."""
+    idx = [graph.index[e] for e in route if e in graph.index]
+    if len(idx) < 2:
+        return "a route of one edge"
+    length = float(sum(graph.length[i] for i in idx[1:]))
+    try:
+        sp = graph.route(idx[0], idx[-1])
+    except ValueError:
+        return f"route {length:.0f} m"
+    best = float(sum(graph.length[i] for i in sp[1:]))
+    if list(sp) == idx:
+        return f"on its shortest path ({length:.0f} m)"
+    return f"route {length:.0f} m, {len(idx)} edges; shortest path {best:.0f} m, {len(sp)} edges"

@@ -33,11 +33,14 @@ from ..text import safe_text
 from .sandbox import SandboxResult
 
 __all__ = [
+    "CODE_STOP",
     "DEST_TOKEN",
     "JSON_MAX_AGENTS",
+    "SUMMARY_LIMITS",
     "AgentLine",
     "Cluster",
     "EdgeLine",
+    "MapSummary",
     "ReplyFormatError",
     "SubsetSummary",
     "build_feedback_messages",
@@ -50,7 +53,9 @@ __all__ = [
     "load_plan_schema",
     "load_template",
     "program_from_reply",
+    "render_map_summary",
     "render_summary",
+    "summarise_map",
     "summarise_subset",
 ]
 
@@ -64,10 +69,20 @@ MAX_PROGRAM_CHARS = 2000  # previous program shown in feedback (about 500 tokens
 MAX_ERRORS_SHOWN = 6
 MAX_ERROR_CHARS = 300
 MAX_DRIVERS_SHOWN = 5
+MAX_NOTES_SHOWN = 8
 GRID = 3  # clusters: a 3x3 grid over the subset's area, named by compass cells
 CELL_NAMES = ("SW", "S", "SE", "W", "C", "E", "NW", "N", "NE")  # row-major from the south (y grows north)
 CONGESTED_MIN = 0.05  # occupancy below this is free flow, not worth a line
 ROUTE_SAMPLE = 200  # agents whose shortest path is traced for the crowding list (bounded work)
+# Stop sequence of code-mode answers: a closing fence followed by a newline (prose would follow). The
+# opening fence is "```python\n" (no newline before "```" at the start, and "```p" after one), so it
+# never matches; the server drops the stop text, and extract_program accepts the unclosed fence.
+CODE_STOP = "\n```\n"
+# summarise_subset's caps per template version: v2's subset part is all a cycle's prompts do not share
+# (the map block carries the main roads), so it is kept short; v1 uses the defaults
+SUMMARY_LIMITS: dict[str, dict[str, int]] = {
+    "v2": {"max_agents_shown": 3, "max_edges_shown": 5, "max_clusters": 4, "max_landmarks": 0},
+}
 
 
 class ReplyFormatError(ReledError):
@@ -167,6 +182,22 @@ class SubsetSummary:
     flows: list[tuple[str, str, int]] = field(default_factory=list)
     samples: list[AgentLine] = field(default_factory=list)
     json_agents: list[AgentLine] | None = None  # every agent, kept only when n_agents <= JSON_MAX_AGENTS
+
+
+@dataclass
+class MapSummary:
+    """The map-level part of a v2 plan prompt: the same for every subset of a cycle (so the prompts of
+    a cycle share a byte-identical prefix the server's prompt cache reuses); bounded like SubsetSummary."""
+
+    map_name: str
+    n_edges_map: int
+    n_total: int
+    n_subsets: int
+    bbox: tuple[float, float, float, float]
+    mean_occupancy: float
+    n_jammed: int
+    congested: list[EdgeLine] = field(default_factory=list)
+    landmarks: list[EdgeLine] = field(default_factory=list)
 
 
 def _edge_index(graph: Any, e: Any) -> int:
@@ -366,6 +397,48 @@ def summarise_subset(
     )
 
 
+def summarise_map(
+    graph: Any,
+    congestion: Mapping[Any, Any] | Sequence[float] | np.ndarray | None = None,
+    *,
+    map_name: str = "",
+    n_subsets: int = 1,
+    n_total: int = 0,
+    max_edges_shown: int = 8,
+    max_landmarks: int = 6,
+) -> MapSummary:
+    """The map-level summary of a cycle (v2 prompts): depends on the graph, the congestion and the
+    cycle's counts only, never on a subset. Landmarks: the most prominent named roads (lanes x length,
+    one edge per street name)."""
+    occ = _occupancy(graph, congestion)
+    mid = (np.asarray(graph.start_xy, np.float64) + np.asarray(graph.end_xy, np.float64)) / 2
+    allx = np.arange(graph.n_edges)
+    cand = allx[occ >= CONGESTED_MIN]
+    cand = cand[np.lexsort((-graph.length[cand], -occ[cand]))][:max_edges_shown]
+    score = np.array([bool(n) for n in graph.names]) * 1e9 + graph.lanes * graph.length
+    landmarks: list[EdgeLine] = []
+    seen: set[str] = set()
+    for i in np.argsort(-score, kind="stable"):
+        key = graph.names[i] or graph.edge_ids[i]
+        if key in seen:
+            continue
+        seen.add(key)
+        landmarks.append(_edge_line(graph, int(i), occ, mid))
+        if len(landmarks) >= max_landmarks:
+            break
+    return MapSummary(
+        map_name=map_name,
+        n_edges_map=int(graph.n_edges),
+        n_total=int(n_total),
+        n_subsets=int(n_subsets),
+        bbox=tuple(float(v) for v in graph.bbox),  # type: ignore[arg-type]
+        mean_occupancy=float(occ.mean()) if graph.n_edges else 0.0,
+        n_jammed=int((occ > 0.5).sum()),
+        congested=[_edge_line(graph, int(i), occ, mid) for i in cand],
+        landmarks=landmarks,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # rendering
 # ---------------------------------------------------------------------------------------------
@@ -446,25 +519,75 @@ def render_summary(s: SubsetSummary, *, all_agents: bool = False, template_versi
     )
 
 
-def build_plan_messages(summary: SubsetSummary, mode: Mode = "code", template_version: str = "v1") -> Messages:
+def render_map_summary(m: MapSummary, template_version: str = "v2") -> str:
+    """The MAP block of a v2 prompt (identical for every subset of a cycle)."""
+    x0, y0, x1, y1 = m.bbox
+    return Template(load_template("map_summary.txt", template_version)).substitute(
+        map_name=m.map_name or "map",
+        n_edges_map=m.n_edges_map,
+        n_total=m.n_total,
+        n_subsets=m.n_subsets,
+        x0=f"{x0:.0f}",
+        x1=f"{x1:.0f}",
+        y0=f"{y0:.0f}",
+        y1=f"{y1:.0f}",
+        width=f"{x1 - x0:.0f}",
+        height=f"{y1 - y0:.0f}",
+        mean_occ=f"{m.mean_occupancy:.2f}",
+        n_jammed=m.n_jammed,
+        congested=_lines(
+            [
+                f"{e.id}{_name(e.name)}: occupancy {e.occupancy:.2f}, {e.length_m:.0f} m, {_lanes(e.lanes)}"
+                for e in m.congested
+            ],
+            f"none: every edge has occupancy below {CONGESTED_MIN}",
+        ),
+        landmarks=_lines(
+            [f"{e.id}{_name(e.name)} at ({e.xy[0]:.0f}, {e.xy[1]:.0f}), {_lanes(e.lanes)}" for e in m.landmarks], "none"
+        ),
+    )
+
+
+def _uses_map_summary(template_version: str, mode: Mode) -> bool:
+    return "$map_summary" in load_template("plan_code.txt" if mode == "code" else "plan_json.txt", template_version)
+
+
+def build_plan_messages(
+    summary: SubsetSummary,
+    mode: Mode = "code",
+    template_version: str = "v1",
+    map_summary: MapSummary | None = None,
+) -> Messages:
     """The round-1 chat messages (OpenAI format) for one subset: a system message and one user message.
 
     code mode (the default, any subset size): one generic `def plan(api):`. json mode (at most
-    JSON_MAX_AGENTS agents): a list of per-agent calls under `plan_schema.json`."""
+    JSON_MAX_AGENTS agents): a list of per-agent calls under `plan_schema.json`.
+
+    v1 puts the subset summary first. v2 puts everything a cycle's subsets share first (system, task,
+    API, output format, then the MAP block from `map_summary`, required there), the subset's own part
+    last, and feedback after it: all prompts of a cycle then share one byte-identical prefix, which
+    the server's prompt cache (llama.cpp) or prefix caching (vLLM) evaluates once."""
+    if mode not in ("code", "json"):
+        raise ValueError(f"mode must be 'code' or 'json', got {mode!r}")
     system = load_template("system.txt", template_version).strip()
+    fields: dict[str, Any] = {}
+    if _uses_map_summary(template_version, mode):
+        if map_summary is None:
+            raise ValueError(f"template {template_version} needs map_summary (prompts.summarise_map)")
+        fields["map_summary"] = render_map_summary(map_summary, template_version).strip()
     if mode == "code":
         user = Template(load_template("plan_code.txt", template_version)).substitute(
             summary=render_summary(summary, template_version=template_version).strip(),
             api_reference=load_template("api_reference.txt", template_version).strip(),
+            **fields,
         )
     elif mode == "json":
         user = Template(load_template("plan_json.txt", template_version)).substitute(
             n_agents=summary.n_agents,
             summary=render_summary(summary, all_agents=True, template_version=template_version).strip(),
             schema=json.dumps(load_plan_schema(template_version), separators=(",", ":")),
+            **fields,
         )
-    else:
-        raise ValueError(f"mode must be 'code' or 'json', got {mode!r}")
     return [{"role": "system", "content": system}, {"role": "user", "content": user.strip()}]
 
 
@@ -497,23 +620,33 @@ def build_feedback_messages(
     *,
     round_no: int | None = None,
     template_version: str = "v1",
+    agent_notes: Sequence[str] = (),
+    repeated: bool = False,
+    answer_text: str | None = None,
 ) -> Messages:
     """The next round's messages: the round-1 system and user messages (an earlier FEEDBACK section is
-    cut off, so rounds do not accumulate) with a FEEDBACK section appended to the user message.
+    cut off, so rounds do not accumulate) with a FEEDBACK section appended to the user message (v1), or
+    (templates whose feedback.txt has no $program, v2) the round-1 messages unchanged, the previous
+    answer as an assistant turn and the FEEDBACK section as a user turn: the server's prompt cache
+    stored its state after that answer, so a revision evaluates little more than the feedback.
 
     indices: e.g. {"RVI": 12.3, "PDI": 0.81} (keys case-insensitive; extra keys are shown without a
     threshold); thresholds: {"RVI": tau_R, "PDI": tau_P}; drivers: index -> {agent: contribution}
     (or (agent, contribution) pairs), top MAX_DRIVERS_SHOWN shown; errors: sandbox error and route
-    errors of the previous program (capped). The previous answer is shown truncated to
-    MAX_PROGRAM_CHARS. One user message, not an assistant turn plus a user turn: the size stays
-    bounded and no chat template has to accept consecutive turns of one role."""
+    errors of the previous program (capped); agent_notes: one line per agent saying what went wrong
+    with its route (v2 templates show them, at most MAX_NOTES_SHOWN); repeated: the previous answer's
+    routes equal those of the answer before it (v2 says so). The previous answer is shown truncated to
+    MAX_PROGRAM_CHARS; answer_text: the answer as the model wrote it (default program_text), for the
+    assistant turn. v1's one user message keeps the size bounded and no chat template has to accept
+    consecutive turns of one role; v2's [system, user, assistant, user] is bounded too (one answer)
+    and alternates roles."""
     if len(previous_messages) < 2 or previous_messages[0].get("role") != "system":
         raise ValueError("previous_messages must be the [system, user, ...] messages of build_plan_messages")
     user_msgs = [m for m in previous_messages if m.get("role") == "user"]
     if not user_msgs:
         raise ValueError("previous_messages hold no user message")
     base = user_msgs[0]["content"].split(FEEDBACK_MARKER, 1)[0]
-    prior = re.search(r"### FEEDBACK \(round (\d+)\)", user_msgs[0]["content"])
+    prior = re.search(r"### FEEDBACK \(round (\d+)\)", user_msgs[-1]["content"])
     rnd = round_no if round_no is not None else (int(prior.group(1)) + 1 if prior else 2)  # round 1: the plan
     hints = _hints(template_version)
 
@@ -545,6 +678,8 @@ def build_feedback_messages(
     error_lines = errs[:MAX_ERRORS_SHOWN] + ([f"... and {more} more"] if more > 0 else [])
 
     hint_lines = ([hints["errors"]] if errs else []) + [hints["above"][k] for k in above if k in hints["above"]]
+    if repeated and hints.get("same"):
+        hint_lines.insert(0, hints["same"])
     if not hint_lines:
         hint_lines = [hints["ok"]]
     if errs:
@@ -553,6 +688,11 @@ def build_feedback_messages(
         verdict = f"It ran, but {' and '.join(above)} {'is' if len(above) == 1 else 'are'} above the threshold."
     else:
         verdict = "It ran and every index is within its threshold."
+
+    notes = [safe_text(n, 4 * MAX_ERROR_CHARS).strip().replace("\n", " ")[:MAX_ERROR_CHARS] for n in agent_notes]
+    notes = [n for n in notes if n]
+    more_notes = len(notes) - MAX_NOTES_SHOWN
+    notes = notes[:MAX_NOTES_SHOWN] + ([f"... and {more_notes} more"] if more_notes > 0 else [])
 
     text = safe_text(program_text).strip()
     truncated = len(text) > MAX_PROGRAM_CHARS
@@ -568,10 +708,22 @@ def build_feedback_messages(
         program=text[:MAX_PROGRAM_CHARS].replace("```", "` ` `"),  # keep our fence intact
         hints="\n".join(f"- {h}" for h in hint_lines),
         what="JSON object" if is_json else "program",
+        agent_notes=_lines(notes, "none"),
     )
+    feedback = "### FEEDBACK" + section.split("### FEEDBACK", 1)[1].rstrip()
+    system = {"role": "system", "content": previous_messages[0]["content"]}
+    if "$program" in load_template("feedback.txt", template_version):
+        return [system, {"role": "user", "content": base.rstrip() + "\n\n" + feedback}]
+    answer = safe_text(answer_text if answer_text is not None else program_text)
+    if len(answer) > 2 * MAX_PROGRAM_CHARS:  # a rambling answer: its cached state is not worth keeping whole
+        answer = answer[: 2 * MAX_PROGRAM_CHARS]
+    if answer.count("```") % 2:  # cut by the stop sequence at its closing fence: close it again
+        answer += "\n```"
     return [
-        {"role": "system", "content": previous_messages[0]["content"]},
-        {"role": "user", "content": base.rstrip() + FEEDBACK_MARKER + section.split("### FEEDBACK", 1)[1].rstrip()},
+        system,
+        {"role": "user", "content": base.rstrip()},
+        {"role": "assistant", "content": answer or "(no answer)"},
+        {"role": "user", "content": feedback},
     ]
 
 

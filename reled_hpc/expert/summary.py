@@ -38,6 +38,7 @@ class SEDSummary:
     executed_round1: int = 0
     cycles: int = 0  # per rank and scenario
     revisions_changed: int = 0  # revisions whose program differs from the subset's previous round
+    revisions_routes_changed: int = -1  # revisions whose routes differ (programs/routes_changed); -1: not logged
     cache_hits: int = 0
     latency_mean_s: float = math.nan  # per answered request
     latency_total_s: float = 0.0
@@ -84,6 +85,8 @@ def sed_summary(p: dict[str, np.ndarray], m: dict[str, np.ndarray]) -> SEDSummar
             if key in previous and p["round"][j] > 1 and answered[j]:
                 out.revisions_changed += int(p["text"][j].strip() != previous[key].strip())
             previous[key] = p["text"][j]
+    if "routes_changed" in p:  # a file from before the column reads 0 for every row
+        out.revisions_routes_changed = int(((p["round"] > 1) & answered & (p["routes_changed"] != 0)).sum())
     lat = p["latency_s"][answered]
     out.latency_total_s = float(np.nansum(lat))
     out.latency_mean_s = finite_mean(lat)  # NaN without numpy's warning when no answer has a latency
@@ -135,6 +138,8 @@ def format_sed_summary(s: SEDSummary, sed: Any = None) -> list[str]:
         f"{_f(100 * later_ex / later_gen, '.0f') if later_gen else 'n/a'}% ({later_ex}/{later_gen}); "
         f"{s.revisions_changed} of the {later_gen} revisions changed the program",
     ]
+    if s.revisions_routes_changed >= 0:
+        lines.append(f"  {s.revisions_routes_changed} of {later_gen} revisions changed the routes")
     thr = f" (tau_R {sed.tau_R:g}, tau_P {sed.tau_P:g})" if sed is not None else ""
     lines.append(f"  indices per cycle iteration, max over subsets, round 1 -> accepted plan{thr}:")
     for r in s.rows:

@@ -196,6 +196,13 @@ PROGRAM_COLUMNS: tuple[Column, ...] = (
     _c("prompt_tokens", np.int32, "1", "prompt tokens the LLM counted; -1 unknown", fill=-1),
     _c("completion_tokens", np.int32, "1", "completion tokens the LLM counted; -1 unknown", fill=-1),
     _c("answer_bytes", np.int64, "byte", "UTF-8 size of the LLM's answer before any cap; -1 unknown", fill=-1),
+    _c(
+        "routes_changed",
+        np.uint8,
+        BOOL_UNITS,
+        "1 when a revision's routes differ from its subset's previous answer (a failed answer: 0); 0 in round 1 "
+        "and in files of versions 1-2",
+    ),
 )
 # Keys a program dict may omit, with the value stored instead (iteration: the pending one).
 PROGRAM_DEFAULTS: dict[str, object] = {
@@ -207,13 +214,14 @@ PROGRAM_DEFAULTS: dict[str, object] = {
     "prompt_tokens": -1,
     "completion_tokens": -1,
     "answer_bytes": -1,
+    "routes_changed": 0,
 }
 
 ROW_COLUMN_BY_NAME = {c.name: c for c in ROW_COLUMNS}
 
 
 # programs/ columns added by a schema version: older files lack them (the reader fills them in)
-PROGRAM_COLUMNS_SINCE: dict[str, int] = {"rank": 2, "answer_bytes": 3}
+PROGRAM_COLUMNS_SINCE: dict[str, int] = {"rank": 2, "answer_bytes": 3, "routes_changed": 3}
 
 
 def program_columns(version: int = SCHEMA_VERSION) -> tuple[Column, ...]:
