@@ -257,7 +257,7 @@ def test_hostile_characters_inside_a_working_program_are_replaced_and_it_still_r
 def test_config_validation_and_occupancy_units():
     SEDConfig().validate()
     for bad in (dict(m=0), dict(mode="xml"), dict(eps=0.0), dict(fallback="random"), dict(r_max_rounds=0),
-                dict(revision_temperature=-0.1), dict(revision_candidates=0)):  # fmt: skip
+                dict(revision_temperature=-0.1), dict(revision_candidates=0), dict(gamma=0.0)):  # fmt: skip
         with pytest.raises(ConfigError):
             SEDConfig(**bad).validate()
     assert occupancy_fraction(0.3) == 0.3 and occupancy_fraction(30.0) == pytest.approx(0.3)

@@ -32,7 +32,7 @@ class SEDConfig:
     fallback: Literal["shortest_path", "fastest_path"] = "shortest_path"
     """Policy of the agents without a usable LLM route (or that left it) in expert episodes."""
     gamma: float = 0.99
-    """Discount of the RVI bound and of the returns' scale r_max / (1 - gamma), in [0, 1)."""
+    """Discount of the RVI bound and of the returns' scale r_max / (1 - gamma), in (0, 1)."""
     cpu_s: int = 2
     """Sandbox CPU-time limit per program, whole seconds (>= 1)."""
     wall_s: float = 5.0
@@ -62,7 +62,8 @@ class SEDConfig:
         require(self.r_max_rounds >= 1, f"{where}.r_max_rounds", f"must be >= 1, got {self.r_max_rounds}")
         require(0.0 < self.eps <= 1.0, f"{where}.eps", f"must be in (0, 1] (KL stays finite), got {self.eps}")
         require(self.fallback in FALLBACK_POLICIES, f"{where}.fallback", f"one of {', '.join(FALLBACK_POLICIES)}")
-        require(0.0 <= self.gamma < 1.0, f"{where}.gamma", f"must be in [0, 1), got {self.gamma}")
+        # 0 is refused too: the bound's 2*gamma/(1-gamma)^2 form is what RVI is built on (indices.py)
+        require(0.0 < self.gamma < 1.0, f"{where}.gamma", f"must be in (0, 1), got {self.gamma}")
         require(self.cpu_s >= 1, f"{where}.cpu_s", f"must be >= 1, got {self.cpu_s}")
         require(self.wall_s > 0, f"{where}.wall_s", f"must be > 0, got {self.wall_s}")
         require(self.mem_mb >= 32, f"{where}.mem_mb", f"must be >= 32, got {self.mem_mb}")
