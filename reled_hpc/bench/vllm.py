@@ -94,6 +94,7 @@ def plan_requests(
     """SED's round-1 requests of one cycle: the code-mode plan prompts of `m` subsets of `agents` agents.
     `fixed_length`: vLLM's `ignore_eos`, so every answer is max_tokens long and the single request and
     the cycle generate alike (otherwise one subset's early stop skews the ratio)."""
+    from ..expert.llm_expert import agent_rows
     from ..expert.partition import partition_for_cycle
     from ..expert.prompts import build_plan_messages, summarise_subset
     from ..sim.env import EnvConfig, NavigationEnv
@@ -101,16 +102,8 @@ def plan_requests(
     cfg = EnvConfig(map=map_name, n_agents=agents, traffic="light", horizon_s=600.0, seed=seed)
     with NavigationEnv(cfg) as env:
         env.reset(seed=seed)
-        graph, ids = env.graph, env.graph.edge_ids
-        rows = {
-            aid: {
-                "id": aid,
-                "edge": ids[st.trip.origin],
-                "dest": ids[st.trip.dest],
-                "xy": (float(graph.start_xy[st.trip.origin, 0]), float(graph.start_xy[st.trip.origin, 1])),
-            }
-            for aid, st in env.agents_state.items()
-        }
+        graph = env.graph
+        rows = agent_rows(env)
         subsets = partition_for_cycle(list(rows), m, 0, seed)
         msgs = []
         for k, sub in enumerate(subsets):

@@ -82,6 +82,22 @@ def occupancy_fraction(value: float) -> float:
     return min(max(v, 0.0), 1.0)
 
 
+def agent_rows(env: NavigationEnv) -> dict[str, dict[str, Any]]:
+    """What SED tells the LLM and the sandbox about each agent of the env's current episode: id, origin
+    edge, destination edge (SUMO ids) and the origin's position."""
+    graph = env.graph
+    ids, xy = graph.edge_ids, graph.start_xy
+    return {
+        aid: {
+            "id": aid,
+            "edge": ids[st.trip.origin],
+            "dest": ids[st.trip.dest],
+            "xy": (float(xy[st.trip.origin, 0]), float(xy[st.trip.origin, 1])),
+        }
+        for aid, st in env.agents_state.items()
+    }
+
+
 class LLMExpert:
     """ExpertSource backed by an LLM (see the module doc). `policy_log_probs` (settable each iteration
     with `set_policy`) enables PDI/RVI and index-driven refinement; without it only failed programs
@@ -113,16 +129,7 @@ class LLMExpert:
         cfg = self.cfg
         env.reset(seed=seed)
         graph = env.graph
-        ids = graph.edge_ids
-        agents = {
-            aid: {
-                "id": aid,
-                "edge": ids[st.trip.origin],
-                "dest": ids[st.trip.dest],
-                "xy": (float(graph.start_xy[st.trip.origin, 0]), float(graph.start_xy[st.trip.origin, 1])),
-            }
-            for aid, st in env.agents_state.items()
-        }
+        agents = agent_rows(env)
         congestion = self._congestion(env)
         subsets = partition_for_cycle(list(agents), cfg.m, self.seed, seed)
         self._graph = graph
