@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.local_http import LocalHTTPServer
 
 from reled_hpc.errors import ReledError
 from reled_hpc.experiment.train import Trainer, train
@@ -246,13 +247,12 @@ def test_disk_full_at_two_ranks_ends_every_rank_with_the_error_and_keeps_the_dum
     assert not _processes_mentioning(str(cfg)), "a rank outlived the failed job"
 
 
-class _LateLLM:
+class _LateLLM(LocalHTTPServer):
     """An OpenAI-style server that answers GET /v1/models (readiness) and counts chat requests; its
     reply holds no program, so each request shows up as one rejected program in the dump."""
 
     def __init__(self) -> None:
         import http.server
-        import threading
 
         self.posts = 0
         late = self
@@ -279,13 +279,7 @@ class _LateLLM:
                 self._send({"choices": [{"message": msg, "finish_reason": "stop"}],
                             "usage": {"prompt_tokens": 3, "completion_tokens": 3}})  # fmt: skip
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def _llm_cfg(tmp_path: Path, name: str, endpoint: Path, **llm) -> Path:

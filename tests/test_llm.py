@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from helpers.local_http import LocalHTTPServer
 
 from reled_hpc.errors import ConfigError, ReledError
 from reled_hpc.llm import LLMError, LLMRequestError, LLMUnavailable, ModelError, ServerError
@@ -190,7 +191,7 @@ def test_server_dies_with_a_killed_serve_llm(tmp_path):
 
 
 # ---- a fake OpenAI server beside the real one: failure behaviour ----------------------------------
-class FakeServer:
+class FakeServer(LocalHTTPServer):
     """Answers POST /v1/chat/completions with scripted statuses (the last one repeats)."""
 
     def __init__(self, statuses: list[int], delay_s: float = 0.0):
@@ -234,15 +235,9 @@ class FakeServer:
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass
+                    self.close_connection = True  # the client hung up (what these tests provoke)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture
@@ -561,7 +556,7 @@ def test_registry_test_and_default_models_verify():
 
 
 # ---- a trickling server: the deadline covers the whole answer ------------------------------------
-class TrickleServer:
+class TrickleServer(LocalHTTPServer):
     """Sends its answer one byte every `every_s` (the status line too when `headers` is False), for at
     most `for_s` seconds: a socket timeout, reset at every byte, never fires against it."""
 
@@ -591,16 +586,9 @@ class TrickleServer:
                         self.wfile.flush()
                         time.sleep(every_s)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass
+                    self.close_connection = True  # the client hung up (what these tests provoke)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.mark.parametrize("headers", [True, False], ids=["body-trickles", "status-line-trickles"])

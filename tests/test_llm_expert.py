@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 import pytest
+from helpers.local_http import LocalHTTPServer
 
 from reled_hpc.config import ConfigError
 from reled_hpc.expert.config import SEDConfig
@@ -57,7 +58,7 @@ def tiny():
         yield srv
 
 
-class FakeOpenAI:
+class FakeOpenAI(LocalHTTPServer):
     """POST /v1/chat/completions -> a fixed reply, or reply(body) when callable; records the request bodies."""
 
     def __init__(self, reply):
@@ -87,16 +88,10 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        super().__init__(Handler)
 
     def client(self) -> LLMClient:
         return LLMClient(self.url, "fake", structured="llama_cpp", max_retries=0)
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 import time
 import tracemalloc
 
 import pytest
+from helpers.local_http import LocalHTTPServer
 
 from reled_hpc.config import ConfigError
 from reled_hpc.experiment.config import LLMConfig
@@ -36,7 +36,7 @@ def body_of(content: str, *, after_content: dict | None = None, ascii_only: bool
     return json.dumps(payload, ensure_ascii=ascii_only).encode("utf-8")
 
 
-class BodyServer:
+class BodyServer(LocalHTTPServer):
     """Answers every POST with `body` (in 64 KiB writes, `delay_s` apart) and counts the bytes it got out."""
 
     def __init__(self, body: bytes, delay_s: float = 0.0):
@@ -64,15 +64,9 @@ class BodyServer:
                         if srv.delay_s:
                             time.sleep(srv.delay_s)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client stopped reading: what this server measures
+                    self.close_connection = True  # the client hung up (what these tests provoke)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture
