@@ -497,26 +497,29 @@ def render_summary(s: SubsetSummary, *, all_agents: bool = False, template_versi
         n_dests=s.n_destinations,
         trip_median=f"{s.trip_median_m:.0f}",
         trip_max=f"{s.trip_max_m:.0f}",
-        congested=_lines(
-            [
-                f"{e.id}{_name(e.name)}: occupancy {e.occupancy:.2f}, {e.length_m:.0f} m, {_lanes(e.lanes)}"
-                for e in s.congested
-            ],
-            f"none: every edge in the area has occupancy below {CONGESTED_MIN}",
-        ),
+        congested=_congested_lines(s.congested, "every edge in the area"),
         hotspots=_lines(
             [f"{e.id}{_name(e.name)}: {e.share:.0%} of agents, occupancy {e.occupancy:.2f}" for e in s.hotspots],
             "none",
         ),
-        landmarks=_lines(
-            [f"{e.id}{_name(e.name)} at ({e.xy[0]:.0f}, {e.xy[1]:.0f}), {_lanes(e.lanes)}" for e in s.landmarks], "none"
-        ),
+        landmarks=_landmark_lines(s.landmarks),
         origins=_cluster_lines(s.origin_clusters, s.n_other_origin, "origin"),
         destinations=_cluster_lines(s.dest_clusters, s.n_other_dest, "destination"),
         flows=_lines([f"{o} -> {d}: {c} agents" for o, d, c in s.flows], "none"),
         agents_title=title,
         agents=_lines([f"{a.id}: at {a.edge} -> destination {a.dest} ({a.trip_m:.0f} m)" for a in agents], "none"),
     )
+
+
+def _congested_lines(edges: Sequence[Any], scope: str) -> str:
+    """The congested-edges list of a summary (the subset's area or the whole map: `scope`)."""
+    rows = [f"{e.id}{_name(e.name)}: occupancy {e.occupancy:.2f}, {e.length_m:.0f} m, {_lanes(e.lanes)}" for e in edges]
+    return _lines(rows, f"none: {scope} has occupancy below {CONGESTED_MIN}")
+
+
+def _landmark_lines(edges: Sequence[Any]) -> str:
+    rows = [f"{e.id}{_name(e.name)} at ({e.xy[0]:.0f}, {e.xy[1]:.0f}), {_lanes(e.lanes)}" for e in edges]
+    return _lines(rows, "none")
 
 
 def render_map_summary(m: MapSummary, template_version: str = "v2") -> str:
@@ -535,16 +538,8 @@ def render_map_summary(m: MapSummary, template_version: str = "v2") -> str:
         height=f"{y1 - y0:.0f}",
         mean_occ=f"{m.mean_occupancy:.2f}",
         n_jammed=m.n_jammed,
-        congested=_lines(
-            [
-                f"{e.id}{_name(e.name)}: occupancy {e.occupancy:.2f}, {e.length_m:.0f} m, {_lanes(e.lanes)}"
-                for e in m.congested
-            ],
-            f"none: every edge has occupancy below {CONGESTED_MIN}",
-        ),
-        landmarks=_lines(
-            [f"{e.id}{_name(e.name)} at ({e.xy[0]:.0f}, {e.xy[1]:.0f}), {_lanes(e.lanes)}" for e in m.landmarks], "none"
-        ),
+        congested=_congested_lines(m.congested, "every edge"),
+        landmarks=_landmark_lines(m.landmarks),
     )
 
 
