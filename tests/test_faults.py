@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers.local_http import LocalHTTPServer
+from helpers.local_http import LocalHTTPServer, send_json
 
 from reled_hpc.errors import ReledError
 from reled_hpc.experiment.train import Trainer, train
@@ -261,22 +261,14 @@ class _LateLLM(LocalHTTPServer):
             def log_message(self, *args: object) -> None:
                 pass
 
-            def _send(self, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
             def do_GET(self) -> None:
-                self._send({"data": [{"id": "late"}]})
+                send_json(self, {"data": [{"id": "late"}]})
 
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 late.posts += 1
                 msg = {"role": "assistant", "content": "no program today"}
-                self._send({"choices": [{"message": msg, "finish_reason": "stop"}],
+                send_json(self, {"choices": [{"message": msg, "finish_reason": "stop"}],
                             "usage": {"prompt_tokens": 3, "completion_tokens": 3}})  # fmt: skip
 
         super().__init__(Handler)

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from helpers.local_http import LocalHTTPServer
+from helpers.local_http import LocalHTTPServer, send_json
 
 from reled_hpc.errors import ConfigError, ReledError
 from reled_hpc.llm import LLMError, LLMRequestError, LLMUnavailable, ModelError, ServerError
@@ -227,13 +227,8 @@ class FakeServer(LocalHTTPServer):
                     }
                 else:
                     payload = {"error": {"message": f"scripted failure {status}", "code": status}}
-                data = json.dumps(payload).encode()
                 try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
+                    send_json(self, payload, status)
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True  # the client hung up (what these tests provoke)
 

@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers.local_http import LocalHTTPServer
+from helpers.local_http import LocalHTTPServer, send_json
 
 from reled_hpc.config import ConfigError
 from reled_hpc.expert.config import SEDConfig
@@ -81,12 +81,7 @@ class FakeOpenAI(LocalHTTPServer):
                     "choices": [{"message": msg, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 11, "completion_tokens": 5},
                 }
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, payload)
 
         super().__init__(Handler)
 
