@@ -229,3 +229,32 @@ def test_serial_update_is_the_central_update():
     y.update(b, comm=SerialComm())
     assert np.array_equal(x.flat_weights(), y.flat_weights())
     assert same_on_all_ranks(SerialComm(), [x.flat_weights()])
+
+
+def test_metrics_reduce_to_the_means_and_maxima_over_ranks():
+    """rank_partials summed and maximised over ranks (what MPI Reduce does) give the metrics row the
+    per-rank vectors define: means over the ranks whose value is finite, maxima, alpha over all agents."""
+    from reled_hpc.experiment.metrics import RANK_METRICS, iteration_row, rank_env_steps, rank_partials
+
+    rng = np.random.default_rng(0)
+    vecs = rng.random((3, len(RANK_METRICS))) * 100
+    ix = {k: i for i, k in enumerate(RANK_METRICS)}
+    vecs[1, ix["mean_travel_time"]] = np.nan  # nobody arrived on rank 1
+    vecs[:, ix["rvi_max"]] = np.nan  # oracle expert: no SED figures anywhere
+    vecs[2, ix["rollout_s"]] = 500.0
+    alphas = [rng.random(4), rng.random(5), rng.random(3)]
+    dtws = [np.array([1.0, np.nan]), np.array([3.0]), np.array([np.nan])]
+    parts = [rank_partials(v, a, d) for v, a, d in zip(vecs, alphas, dtws, strict=True)]
+    sums = np.sum([p[0] for p in parts], axis=0)
+    maxes = np.max([p[1] for p in parts], axis=0)
+    row = iteration_row(4, 123, sums, maxes, True, {"policy_loss": 0.5}, {"ranks": 3.0})
+    assert row["mean_travel_time"] == pytest.approx(np.mean(vecs[[0, 2], ix["mean_travel_time"]]))
+    assert row["mean_return"] == pytest.approx(vecs[:, ix["mean_return"]].mean())
+    assert np.isnan(row["rvi_max"]) and row["rollout_s"] == 500.0
+    assert row["alpha_mean"] == pytest.approx(np.concatenate(alphas).mean())
+    assert row["dtw_mean"] == pytest.approx(2.0)
+    assert row["decisions"] == pytest.approx(vecs[:, ix["decisions"]].sum())
+    assert row["policy_loss"] == 0.5 and row["ranks"] == 3.0 and row["iteration"] == 4.0
+    assert rank_env_steps(sums) == int(vecs[:, ix["env_steps"]].sum())
+    no_expert = iteration_row(4, 123, sums, maxes, False, {}, {})
+    assert np.isnan(no_expert["alpha_mean"])

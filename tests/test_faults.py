@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -233,6 +234,7 @@ def test_disk_full_at_two_ranks_ends_every_rank_with_the_error_and_keeps_the_dum
                              text=True, timeout=400)  # fmt: skip
         run = d / "runs" / "full2"
         committed = _committed(run / "trajectories.h5")
+        in_shard = _committed(run / "trajectories.rank00000.h5")
     finally:
         subprocess.run(["umount", str(d)], check=False)
     assert res.returncode not in (0, 139, -11), res.returncode  # ended, and not by a segfault
@@ -241,9 +243,14 @@ def test_disk_full_at_two_ranks_ends_every_rank_with_the_error_and_keeps_the_dum
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("reled-hpc: ") and "bytes free" in ln]
     assert errors, res.stderr[-3000:]
     last = errors[-1]
-    assert "trajectories.h5" in last, last
+    # the rank whose shard (or rank 0's master) hit the full disk names its file and what is kept
+    m = re.search(r"rank (\d)/2 failed: .*trajectories(\.rank0000(\d))?\.h5\b", last)
+    assert m and (m.group(3) is None or m.group(3) == m.group(1)), last
     assert committed and committed == list(range(len(committed))), committed
-    assert f"iterations up to {committed[-1]} are committed" in last, last
+    # the master shows every committed iteration, or one less if the disk filled while it was replaced
+    assert in_shard[: len(committed)] == committed and len(in_shard) - len(committed) in (0, 1), (in_shard, committed)
+    if m.group(1) == "0" and m.group(3) == "0":
+        assert f"iterations up to {in_shard[-1]} are committed" in last, last
     assert not _processes_mentioning(str(cfg)), "a rank outlived the failed job"
 
 

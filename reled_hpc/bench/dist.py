@@ -26,9 +26,8 @@ from ..dist.comm import mpiexec_command
 PARTS = ("rollout_s", "expert_s", "dtw_s", "comm_s", "update_s", "write_s")
 
 
-def run_one(
-    ranks: int, agents: int, iterations: int, map_name: str, horizon: float, algorithm: str, learner: str = "auto"
-) -> dict[str, Any]:
+def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: float, algorithm: str,
+            learner: str = "auto", dump: str = "auto", traffic: str = "light") -> dict[str, Any]:  # fmt: skip
     from ..experiment.run_dir import RunDir
     from ..io import TrajectoryReader
 
@@ -36,9 +35,9 @@ def run_one(
         cfg = {
             "name": "bench", "algorithm": algorithm, "seed": 0, "iterations": iterations, "episodes_per_iteration": 1,
             "checkpoint_every": iterations, "runs_dir": tmp, "tensorboard": False,
-            "env": {"map": map_name, "n_agents": agents, "traffic": "light", "horizon_s": horizon,
+            "env": {"map": map_name, "n_agents": agents, "traffic": traffic, "horizon_s": horizon,
                     "depart_window_s": min(120.0, horizon / 4)},
-            "dist": {"total_agents": agents, "learner": learner},
+            "dist": {"total_agents": agents, "learner": learner, "dump": dump},
         }  # fmt: skip
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -56,7 +55,9 @@ def run_one(
     parts = {k: float(np.mean(m[k][steady])) for k in PARTS}
     iter_s = float(np.mean(wall))
     return {
+        "ranks": ranks,
         "learner": learner,
+        "dump": dump,
         "agents": agents,
         "agents_per_rank": agents / ranks,
         "iteration_s": round(iter_s, 3),
@@ -66,16 +67,23 @@ def run_one(
         "decisions_per_iteration": int(np.mean(m["decisions"][steady])),
         "env_steps_per_iteration": int(np.mean(np.diff(np.r_[0.0, m["env_steps"]])[steady])),
         "peak_rss_mb_per_rank": round(float(np.max(m["rss_mb_max"])), 1),
+        "peak_rss_mb_rank0": round(float(np.max(m["rss_mb_rank0"])), 1),
+        # per-rank data rank 0 received in gathers (rows, alphas, row counts); metric reductions apart
+        "root_gather_bytes_per_iteration": int(np.mean(m["root_gather_bytes"][steady])),
         "process_wall_s": round(total, 1),
     }
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--ranks", type=int, nargs="+", default=[2], help="rank counts; several: one run each")
     p.add_argument("--agents", type=int, nargs="+", default=[100, 500, 1000], help="total agents, split over ranks")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--map", default="helsinki")
     p.add_argument("--horizon", type=float, default=300.0, help="episode horizon (simulated s)")
+    p.add_argument("--traffic", default="light", choices=["none", "light", "medium", "heavy"])
+    p.add_argument("--per-rank", action="store_true", help="--agents are per rank (total = agents x ranks)")
+    p.add_argument("--dump", nargs="+", default=["auto"], choices=["auto", "single", "sharded"],
+                   help="dist.dump of the runs; several: each agent count runs with each")  # fmt: skip
     p.add_argument("--algorithm", default="reled", choices=["ippo", "mappo", "qmix", "reled"])
     p.add_argument("--learner", nargs="+", default=["auto"], choices=["auto", "central", "allreduce"],
                    help="dist.learner of the runs; several: each agent count runs with each, alternating")  # fmt: skip
@@ -83,18 +91,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # alternate the updates per agent count, so slow drift of the machine's load hits both alike
-    results = [run_one(args.ranks, n, args.iterations, args.map, args.horizon, args.algorithm, learner)
-               for n in args.agents for learner in args.learner]  # fmt: skip
+    results = [run_one(r, n * r if args.per_rank else n, args.iterations, args.map, args.horizon, args.algorithm,
+                       learner, dump, args.traffic)
+               for r in args.ranks for n in args.agents for learner in args.learner for dump in args.dump]  # fmt: skip
     out: dict[str, Any] = {"bench": "dist", "ranks": args.ranks, "map": args.map, "horizon_s": args.horizon,
-                           "algorithm": args.algorithm, "learners": args.learner, "results": results}  # fmt: skip
+                           "algorithm": args.algorithm, "learners": args.learner, "dumps": args.dump,
+                           "traffic": args.traffic, "results": results}  # fmt: skip
     if len(args.learner) > 1:
         keys = ("iteration_s", "update_s", "comm_s", "comm_bytes_per_iteration")
-        out["learner_comparison"] = [
-            {"agents": n, **{f"{r['learner']}_{k}": r[k] for r in results if r["agents"] == n for k in keys}}
-            for n in args.agents
-        ]
-    first = [r for r in results if r["learner"] == args.learner[0]]
-    if len(first) > 1:
+        groups: dict[tuple[int, int, str], dict[str, Any]] = {}
+        for r in results:
+            row = groups.setdefault((r["ranks"], r["agents"], r["dump"]),
+                                    {"ranks": r["ranks"], "agents": r["agents"], "dump": r["dump"]})  # fmt: skip
+            row.update({f"{r['learner']}_{k}": r[k] for k in keys})
+        out["learner_comparison"] = list(groups.values())
+    if len(args.ranks) > 1:
+        # what rank 0 carries as ranks are added (same agents per rank with --per-rank)
+        keys = ("peak_rss_mb_rank0", "root_gather_bytes_per_iteration", "iteration_s")
+        out["rank_scaling"] = [{k: r[k] for k in ("ranks", "agents", "learner", "dump", *keys)} for r in results]
+    first = [r for r in results if r["learner"] == args.learner[0] and r["dump"] == args.dump[0]]
+    if len(first) > 1 and len(args.ranks) == 1:
         a0, a1 = first[0], first[-1]
         out["growth"] = {
             "agents_factor": a1["agents"] / a0["agents"],

@@ -53,6 +53,12 @@ class SerialComm:
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         return buf
 
+    def reduce(self, buf: np.ndarray, op: str, root: int = 0) -> np.ndarray | None:
+        return buf
+
+    def bytes_gathered_to_root(self) -> int:
+        return 0
+
     def barrier(self) -> None:
         pass
 
@@ -79,7 +85,21 @@ class MPIComm:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self._bytes = 0
+        self._root_bytes = 0  # per-rank data other ranks sent to rank 0 in gathers (rank 0's count)
         self._allreduce_s = 0.0
+
+    def bytes_gathered_to_root(self) -> int:
+        """On the root: bytes of the other ranks' data it received in gathers so far (0 elsewhere)."""
+        return self._root_bytes
+
+    def reduce(self, buf: np.ndarray, op: str, root: int = 0) -> np.ndarray | None:
+        """Element-wise 'sum' or 'max' over the ranks of one contiguous buffer, result on root (None elsewhere).
+        The root receives a fixed-size buffer whatever the number of ranks."""
+        send = np.ascontiguousarray(buf)
+        recv = np.empty_like(send) if self.rank == root else None
+        self.comm.Reduce(send, recv, op={"sum": self.MPI.SUM, "max": self.MPI.MAX}[op], root=root)
+        self._bytes += send.nbytes
+        return recv
 
     def bytes_moved(self) -> int:
         return self._bytes
@@ -112,7 +132,12 @@ class MPIComm:
 
     def gather_obj(self, obj: Any, root: int = 0) -> list[Any] | None:
         """Small, irregular records (LLM programs) only: pickled."""
-        return self.comm.gather(obj, root=root)
+        out = self.comm.gather(obj, root=root)
+        if out is not None:
+            import pickle
+
+            self._root_bytes += sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != root)
+        return out
 
     def gather_fixed(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
         """Gather one equally shaped array per rank -> (size, *shape) on root."""
@@ -120,6 +145,8 @@ class MPIComm:
         recv = np.empty((self.size, *send.shape), send.dtype) if self.rank == root else None
         self.comm.Gather(send, recv, root=root)
         self._bytes += send.nbytes
+        if self.rank == root:
+            self._root_bytes += send.nbytes * (self.size - 1)
         return recv
 
     def gather_columns(
@@ -143,6 +170,7 @@ class MPIComm:
             self._bytes += send.nbytes
             if out is not None:
                 out[name] = recv
+                self._root_bytes += recv.nbytes - send.nbytes
         return out, counts
 
     def barrier(self) -> None:

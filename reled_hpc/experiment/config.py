@@ -78,6 +78,9 @@ class DistConfig:
     """Update: 'central' on rank 0, 'allreduce' data-parallel on every rank (PPO family); 'auto': allreduce if R > 1."""
     sync_check_every: int = 10
     """allreduce: every this many iterations, check that all ranks hold identical weights and Adam state (0: off)."""
+    dump: Literal["auto", "single", "sharded"] = "auto"
+    """HDF5 dump: 'single' file rank 0 writes from gathered rows; 'sharded': a file per rank and a master of
+    virtual datasets (docs/hdf5_schema.md); 'auto': sharded if R > 1."""
 
     def validate(self, where: str = "dist") -> None:
         # generous: 100 ranks of env.n_agents' own bound; a larger value is a typo that would fail mid-run
@@ -86,6 +89,14 @@ class DistConfig:
         require(self.learner in ("auto", "central", "allreduce"), f"{where}.learner",
                 f"must be auto, central or allreduce, got {self.learner!r}")  # fmt: skip
         require(self.sync_check_every >= 0, f"{where}.sync_check_every", f"must be >= 0, got {self.sync_check_every}")
+        require(self.dump in ("auto", "single", "sharded"), f"{where}.dump",
+                f"must be auto, single or sharded, got {self.dump!r}")  # fmt: skip
+
+    def dump_mode(self, ranks: int) -> Literal["single", "sharded"]:
+        """The dump layout this run uses: 'auto' shards when R > 1 (one rank writes one file either way)."""
+        if self.dump == "auto":
+            return "sharded" if ranks > 1 else "single"
+        return self.dump
 
     def learner_mode(self, algorithm: str, ranks: int, where: str = "dist") -> Literal["central", "allreduce"]:
         """The update this run uses. QMIX's replay, target networks and joint-group sampling live on rank 0,

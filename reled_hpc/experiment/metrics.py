@@ -1,8 +1,8 @@
 """Metric and column names of a run, and how they are computed from one iteration's results.
 
-Each rank sends a fixed vector of `RANK_METRICS` (its own episodes); rank 0 reduces the vectors of
-all ranks into the iteration's row of the dump's `metrics/` group (`iteration_row`): the schema's
-columns (reled_hpc.io.schema.METRIC_COLUMNS) plus `EXTRA_METRICS`.
+Each rank computes a fixed vector of `RANK_METRICS` (its own episodes); the ranks' `rank_partials` are
+reduced (SUM, MAX) onto rank 0, which makes the iteration's row of the dump's `metrics/` group
+(`iteration_row`): the schema's columns (reled_hpc.io.schema.METRIC_COLUMNS) plus `EXTRA_METRICS`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..finite import finite_max, finite_sum
+from ..finite import finite_max
 from ..io.schema import METRIC_INFO, ROW_COLUMNS, TRAINER_COLUMNS, MetricInfo
 from ..learn.rollout import Batch
 from .probe import PROBE_METRICS
@@ -21,7 +21,8 @@ EXTRA_METRICS = (
     "policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "decisions", "bg_mean_travel_time",
     "expert_travel_time", "expert_arrival_rate", "failed_rate", "update_s", "rollout_s", "expert_s",
     "mean_time_censored", "td_loss", "epsilon", "dtw_s", "comm_s", "comm_bytes", "write_s", "ranks", "rss_mb_max",
-    "external_change_max", "sed_cycle", "llm_cache_hits", "probe_s", *PROBE_METRICS,
+    "external_change_max", "sed_cycle", "llm_cache_hits", "probe_s", "rss_mb_rank0", "root_gather_bytes",
+    *PROBE_METRICS,
 )  # fmt: skip
 
 # units and description of every EXTRA_METRICS column (the writer stores them as dataset attributes;
@@ -51,6 +52,10 @@ EXTRA_METRIC_INFO: dict[str, MetricInfo] = {
     "write_s": MetricInfo("s", "wall time of writing the iteration to this dump"),
     "ranks": MetricInfo("1", "MPI ranks of the run"),
     "rss_mb_max": MetricInfo("MiB", "largest peak resident memory of a rank"),
+    "rss_mb_rank0": MetricInfo("MiB", "peak resident memory of rank 0 (the rank that commits the dump)"),
+    "root_gather_bytes": MetricInfo(
+        "byte", "bytes of per-rank data gathered to rank 0 in the iteration (Gather/Gatherv, not reductions)"
+    ),
     "external_change_max": MetricInfo(
         "1", f"{_SED}: largest measured return change of agents outside a subset, in RVI's units r_max / (1 - gamma)"
     ),
@@ -150,38 +155,56 @@ def rank_metrics(episodes: list[dict[str, Any]], expert_stats: list[dict[str, An
     return np.array([vec[k] for k in RANK_METRICS], np.float64)
 
 
-def iteration_row(iteration: int, env_steps: int, per_rank: np.ndarray, alpha: np.ndarray | None, dtw: np.ndarray,
-                  learner_stats: Mapping[str, float], timings: Mapping[str, float]) -> dict[str, float]:  # fmt: skip
-    """The metrics row of an iteration from every rank's RANK_METRICS vector (`per_rank`: [ranks, K]),
-    the per-agent alpha (None without an expert) and DTW, the update's stats and rank 0's `timings`
-    (comm_s, comm_bytes, update_s, ranks). env_steps: the run's total so far."""
-    per = {k: per_rank[:, i] for i, k in enumerate(RANK_METRICS)}
+def rank_partials(vec: np.ndarray, alpha: np.ndarray | None, dtw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A rank's share of the iteration's metrics as two fixed-size vectors that combine across ranks by
+    element-wise SUM and MAX (MPI Reduce: rank 0 receives the same bytes whatever the number of ranks).
+    SUM part: the finite RANK_METRICS values (NaN as 0), their finite flags, then sum and count of
+    alpha and of the finite DTW distances; MAX part: the RANK_METRICS values, NaN as -inf."""
+    fin = np.isfinite(vec)
+    a = np.zeros(0) if alpha is None else np.asarray(alpha, np.float64)
+    d = np.asarray(dtw, np.float64)
+    d = d[np.isfinite(d)]
+    sums = np.concatenate([np.where(fin, vec, 0.0), fin.astype(np.float64), [a.sum(), a.size, d.sum(), d.size]])
+    return sums, np.where(fin, vec, -np.inf)
 
-    def mean(k: str) -> float:
-        return _nanmean(per[k])
+
+def iteration_row(iteration: int, env_steps: int, sums: np.ndarray, maxes: np.ndarray, has_alpha: bool,
+                  learner_stats: Mapping[str, float], timings: Mapping[str, float]) -> dict[str, float]:  # fmt: skip
+    """The metrics row of an iteration from the ranks' `rank_partials` combined (`sums` summed, `maxes`
+    maximised over ranks), whether an expert gave alphas, the update's stats and rank 0's `timings`
+    (comm_s, comm_bytes, update_s, ranks, ...). env_steps: the run's total so far. Means over ranks count
+    each rank whose value is finite once, as a mean of the ranks' means."""
+    k = len(RANK_METRICS)
+    total = dict(zip(RANK_METRICS, sums[:k], strict=True))
+    count = dict(zip(RANK_METRICS, sums[k : 2 * k], strict=True))
+    top = {m: float(v) if np.isfinite(v) else float("nan") for m, v in zip(RANK_METRICS, maxes, strict=True)}
+    a_sum, a_n, d_sum, d_n = sums[2 * k :]
+
+    def mean(m: str) -> float:
+        return float(total[m] / count[m]) if count[m] else float("nan")
 
     return {
         "iteration": float(iteration),
         "env_steps": float(env_steps),
-        **{k: mean(k) for k in EPISODE_MEANS},
-        "alpha_mean": float(np.mean(alpha)) if alpha is not None else float("nan"),
-        "dtw_mean": float(np.nanmean(dtw)) if np.isfinite(dtw).any() else float("nan"),
-        "rvi_max": finite_max(per["rvi_max"]),
-        "pdi_max": finite_max(per["pdi_max"]),
+        **{m: mean(m) for m in EPISODE_MEANS},
+        "alpha_mean": float(a_sum / a_n) if has_alpha and a_n else float("nan"),
+        "dtw_mean": float(d_sum / d_n) if d_n else float("nan"),
+        "rvi_max": top["rvi_max"],
+        "pdi_max": top["pdi_max"],
         "execution_rate": mean("execution_rate"),
-        "llm_latency_s": finite_max(per["llm_latency_s"]),  # ranks ask in parallel: the slowest
-        "external_change_max": finite_max(per["external_change_max"]),
-        "sed_cycle": finite_max(per["sed_cycle"]),  # 1: a SED cycle ran this iteration, 0: demonstrations reused
-        "llm_cache_hits": finite_sum(per["llm_cache_hits"]),
-        "decisions": float(per["decisions"].sum()),
-        **{k: mean(k) for k in ("expert_travel_time", "expert_arrival_rate", "failed_rate", *PROBE_METRICS)},
-        **{k: float(per[k].max()) for k in TIMING_MAX},
+        "llm_latency_s": top["llm_latency_s"],  # ranks ask in parallel: the slowest
+        "external_change_max": top["external_change_max"],
+        "sed_cycle": top["sed_cycle"],  # 1: a SED cycle ran this iteration, 0: demonstrations reused
+        "llm_cache_hits": float(total["llm_cache_hits"]) if count["llm_cache_hits"] else float("nan"),
+        "decisions": float(total["decisions"]),
+        **{m: mean(m) for m in ("expert_travel_time", "expert_arrival_rate", "failed_rate", *PROBE_METRICS)},
+        **{m: top[m] for m in TIMING_MAX},
         **timings,
-        "rss_mb_max": float(per["rss_mb"].max()),
-        **{k: learner_stats.get(k, float("nan")) for k in LEARNER_STATS},
+        "rss_mb_max": top["rss_mb"],
+        **{m: learner_stats.get(m, float("nan")) for m in LEARNER_STATS},
     }
 
 
-def rank_env_steps(per_rank: np.ndarray) -> int:
-    """Simulation steps of an iteration over all ranks."""
-    return int(per_rank[:, RANK_METRICS.index("env_steps")].sum())
+def rank_env_steps(sums: np.ndarray) -> int:
+    """Simulation steps of an iteration over all ranks (from the summed `rank_partials`)."""
+    return int(sums[RANK_METRICS.index("env_steps")])

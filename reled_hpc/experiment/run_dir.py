@@ -1,7 +1,8 @@
 """The run folder: where a training run keeps its config, dump, checkpoints and logs.
 
 RUN_DIR/config.yaml          the run's config (written at start; `--resume` reads it)
-RUN_DIR/trajectories.h5      the HDF5 dump (docs/hdf5_schema.md)
+RUN_DIR/trajectories.h5      the HDF5 dump (docs/hdf5_schema.md); with several ranks (dist.dump sharded) the
+                             master of virtual datasets over trajectories.rank<NNNNN>.h5, one shard per rank
 RUN_DIR/checkpoints/         ckpt_<iteration>.pt, the last `keep_checkpoints`
 RUN_DIR/expert_cache/        the current scenario's policy-dependent expert demonstrations
 RUN_DIR/tb/                  TensorBoard scalars
@@ -111,8 +112,22 @@ class RunDir:
         """A run was started here (its config was written)."""
         return self.config.is_file()
 
+    @property
+    def commit_dump(self) -> Path:
+        """The file whose metrics rows commit iterations: rank 0's shard in a sharded run, else the dump."""
+        from ..io.master import shard_path
+
+        shard0 = shard_path(self.dump, 0)
+        return shard0 if shard0.is_file() else self.dump
+
     def has_dump(self) -> bool:
-        return self.dump.is_file()
+        return self.commit_dump.is_file()
+
+    def dump_files(self) -> list[Path]:
+        """The dump's files: the dump or master, the shards and a master being replaced."""
+        d = self.dump
+        extra = [*sorted(self.path.glob(f"{d.stem}.rank*{d.suffix}")), d.with_name(d.name + ".tmp")]
+        return [p for p in (d, *extra) if p.exists()]
 
     def committed(self) -> str | None:
         """Why the folder holds committed work (a checkpoint, or a dump with a committed iteration), or
@@ -126,16 +141,17 @@ class RunDir:
         from ..io import TrajectoryReader
 
         try:
-            with TrajectoryReader(self.dump) as r:
+            with TrajectoryReader(self.commit_dump) as r:
                 n = len(r.iterations())
         except Exception as exc:  # any unreadable dump is kept: it may hold iterations
             return f"a dump that cannot be read ({exc})"
-        return f"{n} committed iterations in {DUMP_FILE}" if n else None
+        return f"{n} committed iterations in {self.commit_dump.name}" if n else None
 
     def set_aside(self) -> Path | None:
         """Move the files `train` writes into RUN_DIR/replaced-<time>/ (never deleted); that folder, or
         None when there were none. Call with the lock held."""
         present = [self.path / name for name in RUN_FILES if (self.path / name).exists()]
+        present += [p for p in self.dump_files() if p not in present]
         if not present:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -31,12 +31,13 @@ from ..config import to_dict
 from ..errors import ReledError
 from ..expert.base import ExpertSource
 from ..expert.cache import DemonstrationCache
+from ..io.master import SHARDED_GROUPS, MasterWriter, shard_path, shard_paths
 from ..learn.base import Learner
 from ..learn.rollout import Batch, collect_episode, concat
 from ..sim.env import NavigationEnv
 from .algorithms import get_algorithm
 from .config import TrainConfig, agent_counts, config_yaml, load_config
-from .metrics import EXTRA_METRICS, dump_rows, iteration_row, program_rows, rank_env_steps, rank_metrics
+from .metrics import EXTRA_METRICS, dump_rows, iteration_row, program_rows, rank_env_steps, rank_metrics, rank_partials
 from .probe import PROBE_METRICS, InteractionProbe
 from .run_dir import RunDir, checkpoint_file, checkpoint_files
 from .seeds import actor_seed, derive_seed, episode_index, expert_seed, scenario_seed
@@ -94,6 +95,8 @@ class Trainer:
         self.learner: Learner = self.algorithm.make_learner(cfg, len(NavigationEnv.GLOBAL_FEATURES))
         # one rank has nothing to reduce: the central path (bitwise the same update)
         self.allreduce = cfg.dist.learner_mode(cfg.algorithm, self.size) == "allreduce" and self.size > 1
+        self.sharded = cfg.dist.dump_mode(self.size) == "sharded"
+        self.master: MasterWriter | None = None
         self._llm_server: Any = None
         self.expert: ExpertSource | None = self._make_expert()
         self._programs: list[dict[str, Any]] = []
@@ -105,6 +108,8 @@ class Trainer:
         if self.root:
             self._init_root(resume)
         self.start_iteration = int(self.comm.bcast_obj(self.start_iteration))
+        if self.sharded:
+            self._init_shard(resume)
         if self.allreduce:
             # once: rank 0's learner (fresh, or the checkpoint's weights, Adam state and shuffle RNG) on every
             # rank; from here identical gradients keep the replicas identical
@@ -197,6 +202,8 @@ class Trainer:
         from ..io import TrajectoryWriter
 
         cfg, run = self.cfg, self.folder
+        if resume:
+            self._check_layout()
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         tmp = run.config.with_suffix(".tmp")
         tmp.write_text(config_yaml(cfg))
@@ -211,15 +218,16 @@ class Trainer:
             log.info("resuming %s from %s (iteration %d done)", run, ckpt.name, state["iteration"])
         from .metrics import EXTRA_METRIC_INFO  # units/descriptions of the metrics/ datasets
 
+        path = shard_path(run.dump, 0) if self.sharded else run.dump
         self.writer = TrajectoryWriter(
-            run.dump,
+            path,
             config_yaml=config_yaml(cfg),
             obs_dim=cfg.env.obs_dim,
             a_max=cfg.env.a_max,
             extra_metrics=EXTRA_METRICS,
             metric_info=EXTRA_METRIC_INFO,
             obs_features=cfg.env.obs_features,
-            resume=resume and run.has_dump(),
+            resume=resume and path.is_file(),
             # iterations the dump holds beyond the checkpoint are redone: drop them first
             keep_through=self.start_iteration - 1,
         )
@@ -230,6 +238,52 @@ class Trainer:
                 self.tb = SummaryWriter(str(run.tensorboard), purge_step=self.start_iteration)
             except ImportError:
                 log.warning("tensorboard is not installed: no TensorBoard scalars (metrics are in the HDF5 file)")
+
+    def _check_layout(self) -> None:
+        """A resumed run keeps its dump's layout (sharded: one shard per rank, so the same number of ranks)."""
+        run = self.folder
+        shards = shard_paths(run.dump)
+        if shards and not self.sharded:
+            raise ReledError(f"cannot resume {run}: its dump is sharded over {len(shards)} ranks, this run writes one "
+                             f"file (dist.dump={self.cfg.dist.dump}, {self.size} ranks); resume it with "
+                             f"{len(shards)} ranks and dist.dump auto or sharded")  # fmt: skip
+        if self.sharded and run.dump.is_file() and not shards:
+            raise ReledError(f"cannot resume {run}: its dump {run.dump.name} is one file, this run shards it "
+                             f"({self.size} ranks); resume it with dist.dump: single or with 1 rank")  # fmt: skip
+        if shards and len(shards) != self.size:
+            raise ReledError(f"cannot resume {run}: its dump is sharded over {len(shards)} ranks ({shards[0].name}, "
+                             f"...), this run has {self.size}; resume it with {len(shards)} ranks")  # fmt: skip
+
+    def _init_shard(self, resume: bool) -> None:
+        """Every rank's shard writer (rank 0's was opened with the checkpoint), then the master, which a resumed
+        run writes again at once: a kill between a commit and the master's replacement left it one behind."""
+        from ..io import TrajectoryWriter
+        from .metrics import EXTRA_METRIC_INFO
+
+        cfg, run = self.cfg, self.folder
+        if not self.root:
+            path = shard_path(run.dump, self.rank)
+            if resume and self.start_iteration > 0 and not path.is_file():
+                raise ReledError(f"cannot resume {run}: rank {self.rank}'s shard {path} is missing and iterations "
+                                 f"0..{self.start_iteration - 1} are committed")  # fmt: skip
+            self.writer = TrajectoryWriter(
+                path,
+                config_yaml=config_yaml(cfg),
+                obs_dim=cfg.env.obs_dim,
+                a_max=cfg.env.a_max,
+                extra_metrics=EXTRA_METRICS,
+                metric_info=EXTRA_METRIC_INFO,
+                obs_features=cfg.env.obs_features,
+                resume=resume and path.is_file(),
+                keep_through=self.start_iteration - 1,
+                commits=False,
+            )
+        assert self.writer is not None
+        n = self.writer.rows_after_commit()
+        counts = self.comm.gather_fixed(np.array([n[g] for g in SHARDED_GROUPS], np.int64))
+        if self.root:
+            self.master = MasterWriter(run.dump, [shard_path(run.dump, r) for r in range(self.size)], self.writer.file)
+            self.master.write(self._master_rows(counts), self.writer.n_committed)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     @staticmethod
@@ -279,11 +333,11 @@ class Trainer:
         run = self.folder
         committed: list[int] = []
         if run.has_dump():
-            with TrajectoryReader(run.dump) as r:
+            with TrajectoryReader(run.commit_dump) as r:
                 committed = [int(i) for i in r.iterations()]
         last = committed[-1] if committed else -1
         if committed != list(range(last + 1)):
-            raise ReledError(f"{run.dump}: committed iterations are not 0..{last} without gaps: cannot resume")
+            raise ReledError(f"{run.commit_dump}: committed iterations are not 0..{last} without gaps: cannot resume")
         has_ckpts = bool(checkpoint_files(run.checkpoints))
         if has_ckpts and last < 0:
             raise ReledError(f"cannot resume {run}: checkpoints exist in {run.checkpoints} but the dump {run.dump} "
@@ -440,19 +494,25 @@ class Trainer:
         t_b = time.perf_counter() - t0
         agent, expert, alpha, dtw, vec = self._local_rollout(it)
         t1 = time.perf_counter()
-        bytes0 = comm.bytes_moved()
-        agent_all, _ = comm.gather_columns(agent)
-        expert_all = comm.gather_columns(expert)[0] if expert is not None else None
-        ad_all, _ = comm.gather_columns({"alpha": alpha, "dtw": dtw})
-        vecs = comm.gather_fixed(vec)
-        # LLM programs: a few small records per iteration, off the hot path: pickled
-        programs = comm.gather_obj(self._programs)
+        bytes0, root0 = comm.bytes_moved(), comm.bytes_gathered_to_root()
+        agent_all = expert_all = alpha_all = None
+        if not self.allreduce or not self.sharded:
+            # the rows travel to rank 0 only for a central update or a single-file dump
+            agent_all, _ = comm.gather_columns(agent)
+            expert_all = comm.gather_columns(expert)[0] if expert is not None else None
+            if expert is not None and not self.allreduce:
+                alpha_all = comm.gather_columns({"alpha": alpha})[0]
+        # metrics: fixed-size reductions, whatever the number of ranks
+        sums, maxes = rank_partials(vec, alpha if expert is not None else None, dtw)
+        sums, maxes = comm.reduce(sums, "sum"), comm.reduce(maxes, "max")
+        programs = [self._programs] if self.sharded else comm.gather_obj(self._programs)
         self._programs = []
         t2 = time.perf_counter()
         comm_bytes = comm.bytes_moved() - bytes0
         reduce_s = 0.0
+        stats: dict[str, float] = {}
         if self.allreduce:
-            # every rank learns on its own rows (the gathers above only feed the dump and metrics)
+            # every rank learns on its own rows
             bytes1, s1 = comm.bytes_moved(), comm.seconds_in_allreduce()
             stats = self.learner.update(agent, expert, self._global_alpha(alpha) if expert is not None else None,
                                         self.n_agents_total, comm=comm)  # fmt: skip
@@ -461,40 +521,72 @@ class Trainer:
                 self._check_replicas(it)
             reduce_s = comm.seconds_in_allreduce() - s1
             comm_bytes += comm.bytes_moved() - bytes1
+        elif self.root:
+            assert agent_all is not None
+            stats = self.learner.update(agent_all, expert_all, None if alpha_all is None else alpha_all["alpha"],
+                                        self.n_agents_total)  # fmt: skip
+        t3 = time.perf_counter()
+        counts = None
+        if self.sharded:  # every rank appends its own rows to its shard
+            rows = self._write_rows(it, agent, expert, programs)
+            write_s = time.perf_counter() - t3
+            counts = comm.gather_fixed(rows)  # also: every shard holds the iteration before rank 0 commits it
+        elif self.root:
+            assert agent_all is not None
+            self._write_rows(it, agent_all, expert_all, programs or [])
+            write_s = time.perf_counter() - t3
         if not self.root:
             return None
-        assert agent_all is not None and ad_all is not None and vecs is not None
-        alpha_all = ad_all["alpha"] if expert_all is not None else None
-        if not self.allreduce:
-            stats = self.learner.update(agent_all, expert_all, alpha_all, self.n_agents_total)
-        t3 = time.perf_counter()
-        self.env_steps += rank_env_steps(vecs)
+        assert sums is not None and maxes is not None
+        self.env_steps += rank_env_steps(sums)
         timings = {
             # allreduce: the gradient/statistic allreduces (with waiting for the slowest rank) count as comm
             "comm_s": t_b + (t2 - t1) + reduce_s,
             "comm_bytes": float(comm_bytes + bcast_bytes),
             "update_s": t3 - t2 - reduce_s,
             "ranks": float(self.size),
+            "rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "root_gather_bytes": float(comm.bytes_gathered_to_root() - root0),
         }
-        metrics = iteration_row(it, self.env_steps, vecs, alpha_all, ad_all["dtw"], stats, timings)
+        metrics = iteration_row(it, self.env_steps, sums, maxes, expert is not None, stats, timings)
         assert self.writer is not None
         tw = time.perf_counter()
-        self.writer.append_rows("agent", dump_rows(agent_all, it))
-        if expert_all is not None:
-            self.writer.append_rows("expert", dump_rows(expert_all, it))
-        rows = [dict(r, iteration=it) for part in (programs or []) for r in part]
-        if rows:
-            self.writer.append_programs(rows)
-        metrics["write_s"] = time.perf_counter() - tw
-        self.wall_s += time.perf_counter() - t0
+        self.wall_s += tw - t0
         metrics["wall_s"] = self.wall_s
+        metrics["write_s"] = write_s
         self.writer.end_iteration(metrics)  # commits the iteration in the dump
+        if self.master is not None:
+            self.master.write(self._master_rows(counts), self.writer.n_committed)
+        dt = time.perf_counter() - tw  # the commit's time counts in the next iteration's wall time
+        self.wall_s += dt
         if self.tb is not None:
             for k, v in metrics.items():
                 if k != "iteration" and np.isfinite(v):
                     self.tb.add_scalar(k, v, it)
             self.tb.flush()
         return metrics
+
+    def _write_rows(self, it: int, agent: Batch, expert: Batch | None,
+                    programs: list[list[dict[str, Any]]]) -> np.ndarray:  # fmt: skip
+        """Append an iteration's rows to this rank's file (a shard without commits: make them durable);
+        returns the file's row counts of agent/, expert/, programs/ once they are on disk."""
+        assert self.writer is not None
+        self.writer.append_rows("agent", dump_rows(agent, it))
+        if expert is not None:
+            self.writer.append_rows("expert", dump_rows(expert, it))
+        rows = [dict(r, iteration=it) for part in programs for r in part]
+        if rows:
+            self.writer.append_programs(rows)
+        if not self.writer.commits:
+            self.writer.end_rows(it)
+        n = self.writer.rows_after_commit()
+        return np.array([n[g] for g in SHARDED_GROUPS], np.int64)
+
+    @staticmethod
+    def _master_rows(counts: np.ndarray | None) -> dict[str, list[int]]:
+        """The gathered [ranks, groups] row counts as the master writer takes them."""
+        assert counts is not None
+        return {g: [int(x) for x in counts[:, j]] for j, g in enumerate(SHARDED_GROUPS)}
 
     def _global_alpha(self, alpha: np.ndarray) -> np.ndarray:
         """This rank's alphas at their global agent ids (the data-parallel update reads only its own agents')."""

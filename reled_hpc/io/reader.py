@@ -1,7 +1,8 @@
 """TrajectoryReader: lazy, committed-only access to a run's HDF5 dump (docs/hdf5_schema.md).
 
-Rows are stored in iteration order, so the rows of any iteration are one contiguous slice found
-by binary search on the `iteration` column; nothing is read beyond the slices asked for.
+Rows are stored in iteration order (in a sharded dump's master, schema version 4: rank after rank,
+each rank's rows in iteration order), so the rows of any iteration are one contiguous slice per
+block found by binary search on the `iteration` column; nothing is read beyond the slices asked for.
 """
 
 from __future__ import annotations
@@ -192,9 +193,9 @@ def metrics_as_read(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def first_row_after(iteration: h5py.Dataset, value: int, n: int) -> int:
-    """Index of the first of the first `n` rows whose iteration > value (rows are sorted by iteration)."""
-    lo, hi = 0, n
+def first_row_after(iteration: h5py.Dataset, value: int, n: int, lo: int = 0) -> int:
+    """Index of the first of rows [lo, n) whose iteration > value (those rows are sorted by iteration)."""
+    hi = n
     while lo < hi:
         mid = (lo + hi) // 2
         if int(iteration[mid]) > value:
@@ -214,6 +215,11 @@ class TrajectoryReader:
         self.path = Path(path)
         self._f = open_h5(self.path, "r")
         try:
+            if self._f.attrs.get("schema_version") == S.MASTER_VERSION and not self._f.swmr_mode:
+                # a sharded dump's master: its shards may be open for SWMR writing, which only a SWMR
+                # reader of the virtual datasets may read (HDF5 opens the shards as the master was opened)
+                self._f.close()
+                self._f = h5py.File(self.path, "r", swmr=True)
             self._check_attribute_heap()
             self._validate()
         except BaseException:
@@ -267,6 +273,7 @@ class TrajectoryReader:
         for g in S.ALL_GROUPS:
             if g not in f or not isinstance(f[g], h5py.Group):
                 raise self._err(f"group {g + '/'!r} is missing")
+        self.shards = self._check_shards() if version == S.MASTER_VERSION else []
         want = {
             **{g: [c.name for c in S.ROW_COLUMNS] for g in S.ROW_GROUPS},
             S.METRICS_GROUP: list(S.metric_columns(self.extra_metrics)),
@@ -277,6 +284,19 @@ class TrajectoryReader:
             if missing:
                 raise self._err(f"group {g + '/'!r} lacks datasets {missing}")
 
+    def _check_shards(self) -> list[Path]:
+        """The shard files a master names, each present next to it (HDF5 would read a missing shard's
+        rows as fill values, silently)."""
+        names = [x.decode() if isinstance(x, bytes) else str(x) for x in self._f.attrs.get(S.SHARDS_ATTR, [])]
+        if not names:
+            raise self._err(f"schema version {S.MASTER_VERSION} master without a {S.SHARDS_ATTR!r} attribute")
+        paths = [self.path.parent / n for n in names]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise self._err(f"shard files missing: {', '.join(missing)}; this master's rows live in its shards "
+                            f"({len(paths)} files), keep them next to it")  # fmt: skip
+        return paths
+
     def _count_committed(self) -> None:
         """Committed metrics rows and, per row group, the rows up to the last committed iteration."""
         f = self._f
@@ -286,10 +306,26 @@ class TrajectoryReader:
         last = int(self._iterations[-1]) if self._n_metrics else -1
         self._n: dict[str, int] = {}
         self.uncommitted_rows: dict[str, int] = {}
+        # row blocks sorted by iteration: the whole group, or in a master one block per rank's shard
+        self._blocks: dict[str, list[tuple[int, int]]] = {}
+        if self.schema_version == S.MASTER_VERSION:
+            for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
+                # the master maps committed rows only
+                self._n[g] = min(ds.shape[0] for ds in f[g].values())
+                counts = np.asarray(f[g].attrs.get(S.RANK_ROWS_ATTR, []), np.int64)
+                if len(counts) != len(self.shards) or counts.sum() != self._n[g]:
+                    raise self._err(f"{g}/ attribute {S.RANK_ROWS_ATTR!r} {counts.tolist()} does not match "
+                                    f"{len(self.shards)} shards and {self._n[g]} rows")  # fmt: skip
+                ends = np.cumsum(counts)
+                self._blocks[g] = [(int(e - c), int(e)) for c, e in zip(counts, ends, strict=True) if c]
+                self.uncommitted_rows[g] = 0
+            self.uncommitted_rows[S.METRICS_GROUP] = 0
+            return
         for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
             n_min = min(ds.shape[0] for ds in f[g].values())
             n_max = max(ds.shape[0] for ds in f[g].values())
             self._n[g] = first_row_after(f[g]["iteration"], last, n_min)
+            self._blocks[g] = [(0, self._n[g])] if self._n[g] else []
             self.uncommitted_rows[g] = n_max - self._n[g]
         self.uncommitted_rows[S.METRICS_GROUP] = f[S.METRICS_GROUP]["iteration"].shape[0] - self._n_metrics
 
@@ -394,14 +430,15 @@ class TrajectoryReader:
         want = sorted({int(i) for i in iterations} & {int(i) for i in self._iterations})
         it = self._f[group]["iteration"]
         ranges: list[tuple[int, int]] = []
-        for i in want:
-            start, stop = first_row_after(it, i - 1, n), first_row_after(it, i, n)
-            if stop <= start:
-                continue
-            if ranges and ranges[-1][1] == start:
-                ranges[-1] = (ranges[-1][0], stop)
-            else:
-                ranges.append((start, stop))
+        for b0, b1 in self._blocks[group]:
+            for i in want:
+                start, stop = first_row_after(it, i - 1, b1, b0), first_row_after(it, i, b1, b0)
+                if stop <= start:
+                    continue
+                if ranges and ranges[-1][1] == start:
+                    ranges[-1] = (ranges[-1][0], stop)
+                else:
+                    ranges.append((start, stop))
         return ranges
 
     def iter_chunks(

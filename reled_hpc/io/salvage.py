@@ -199,6 +199,11 @@ class SalvageReader(TrajectoryReader):
             raise self._err(self._unreadable.format(f"{type(exc).__name__}: {exc}")) from exc
 
     def _count_committed(self) -> None:
+        if self.schema_version == S.MASTER_VERSION:
+            raise self._err(
+                "a sharded dump's master holds no rows of its own: salvage its shard files "
+                "(trajectories.rankNNNNN.h5), rebuild it with reled_hpc.io.master.rebuild_master"
+            )
         f, eof = self._f, self._raw.size
         mg = f[S.METRICS_GROUP]
         written = int(mg["iteration"].shape[0])
@@ -218,6 +223,7 @@ class SalvageReader(TrajectoryReader):
         self._iterations = it[: self._n_metrics].astype(np.int64)
         last = int(self._iterations[-1]) if self._n_metrics else -1
         self._n: dict[str, int] = {}
+        self._blocks: dict[str, list[tuple[int, int]]] = {}
         self.uncommitted_rows: dict[str, int] = {}
         notes = []
         for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
@@ -230,6 +236,7 @@ class SalvageReader(TrajectoryReader):
                 # the readable prefix ends inside committed rows: its last iteration may be partial
                 n = first_row_after(grp["iteration"], int(grp["iteration"][n - 1]) - 1, n)
             self._n[g] = n
+            self._blocks[g] = [(0, n)] if n else []
             if readable < n_total:
                 upto = f"iterations <= {int(grp['iteration'][n - 1])}" if n else "none"
                 notes.append(f"{g}/ keeps {n} of {n_total} rows ({upto})")

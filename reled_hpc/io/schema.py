@@ -16,7 +16,13 @@ SCHEMA_VERSION = 3
 # version 1 (before programs/rank) held subset + V1_RANK_STRIDE * rank in programs/subset, which the
 # reader splits; versions 1-2 stored booleans as HDF5 enums, metrics/iteration as float64 (NaN fill),
 # no programs/answer_bytes and no units/description attributes.
-READABLE_VERSIONS = (1, 2, 3)
+# version 4 is the master file of a sharded dump (reled_hpc.io.master): version 3's groups and
+# columns, agent/, expert/, programs/ and metrics/ being virtual datasets over per-rank shard files
+# (each a version 3 file), rows ordered by rank, then iteration
+MASTER_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+SHARDS_ATTR = "shards"  # master file attribute: the shard file names, rank order, relative to the master
+RANK_ROWS_ATTR = "rank_rows"  # master group attribute: each rank's number of rows in the group
 V1_RANK_STRIDE = 1000
 
 ROW_GROUPS: tuple[str, ...] = ("agent", "expert")

@@ -89,14 +89,21 @@ class TrajectoryWriter:
         obs_features: Sequence[str] | None = None,
         resume: bool = False,
         keep_through: int | None = None,
+        commits: bool = True,
     ) -> None:
         """`metric_info`: (units, description) of each extra metric, stored as its dataset's attributes;
         when given it must cover every extra metric (None: their units are stored as unknown, "").
         `obs_features`: the obs_dim feature names (EnvConfig.obs_features), obs's `feature_names`.
         `keep_through` (with resume): also drop committed iterations after this one, e.g. those a
-        run finished after its last checkpoint, which the resumed run will redo."""
+        run finished after its last checkpoint, which the resumed run will redo.
+        `commits=False`: the shard of a rank > 0 in a sharded dump (reled_hpc.io.master): it holds no
+        metrics rows, `end_rows()` makes an iteration's rows durable and rank 0's shard commits it;
+        resuming one needs `keep_through` (rank 0's last committed iteration)."""
         self.path = Path(path)
         self._keep_through = keep_through
+        self.commits = commits
+        if resume and not commits and keep_through is None:
+            raise DumpError(f"{self.path}: resuming a shard without commits needs keep_through")
         self.obs_dim = int(obs_dim)
         self.a_max = int(a_max)
         self.extra_metrics = tuple(safe_text(str(m)) for m in extra_metrics)
@@ -257,12 +264,17 @@ class TrajectoryWriter:
         committed iterations after `keep_through`)."""
         metrics = f[S.METRICS_GROUP]
         n_m = committed_metric_rows(metrics)
+        if not self.commits and n_m:
+            raise DumpError(f"{self.path}: cannot resume as a shard without commits, it holds metrics rows")
         if self._keep_through is not None and n_m:
             # metrics rows are in increasing iteration order: keep those <= keep_through
             n_m = int(np.searchsorted(metrics["iteration"][:n_m], self._keep_through, side="right"))
         for ds in metrics.values():
             ds.resize(n_m, axis=0)
         last = int(metrics["iteration"][n_m - 1]) if n_m else -1
+        if not self.commits:
+            assert self._keep_through is not None
+            last = self._keep_through  # rank 0's shard committed these
         for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
             grp = f[g]
             n_min = min(ds.shape[0] for ds in grp.values())
@@ -274,8 +286,20 @@ class TrajectoryWriter:
 
     # ------------------------------------------------------------------ state
     def _read_last(self) -> int:
+        if not self.commits:  # the last iteration whose rows it holds (rank 0's shard committed it)
+            return -1 if self._keep_through is None else self._keep_through
         n = self._n_metrics
         return int(self._file()[S.METRICS_GROUP]["iteration"][n - 1]) if n else -1
+
+    @property
+    def file(self) -> h5py.File:
+        """The open HDF5 file (read its attributes and datasets; write through this class only)."""
+        return self._file()
+
+    @property
+    def n_committed(self) -> int:
+        """Committed metrics rows."""
+        return self._n_metrics
 
     @property
     def last_iteration(self) -> int:
@@ -400,6 +424,28 @@ class TrajectoryWriter:
             self._append(f[S.PROGRAMS_GROUP], self._n[S.PROGRAMS_GROUP], cols, n)
         self._n[S.PROGRAMS_GROUP] += n
 
+    def rows_after_commit(self) -> dict[str, int]:
+        """Rows of agent/, expert/ and programs/ once the pending iteration is on disk (buffered rows counted)."""
+        return {g: self._n[g] + self._buffered.get(g, 0) for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP)}
+
+    def end_rows(self, iteration: int) -> None:
+        """A shard without commits (`commits=False`): write and flush the rows of `iteration` (there may be
+        none); rank 0's shard then commits the iteration."""
+        f = self._file()
+        if self.commits:
+            raise DumpError(f"{self.path}: end_rows() is for shards without commits; use end_iteration()")
+        if self._pending is not None and self._pending != iteration:
+            raise DumpError(f"{self.path}: end_rows({iteration}), but rows of iteration {self._pending} are pending")
+        if iteration <= self._last:
+            raise DumpError(f"{self.path}: end_rows({iteration}) <= last iteration {self._last} (duplicate)")
+        with self._failing_write():
+            for g in S.ROW_GROUPS:
+                self._write_rows(g, final=True)
+            f.flush()
+            self._fsync()
+        self._last = iteration
+        self._pending = None
+
     def end_iteration(self, metrics: Mapping[str, float]) -> int:
         """Commit the pending iteration: write its metrics row (the commit marker) and flush.
 
@@ -407,6 +453,8 @@ class TrajectoryWriter:
         metrics left out are stored as NaN. Returns the committed iteration.
         """
         f = self._file()
+        if not self.commits:
+            raise DumpError(f"{self.path}: a shard without commits takes no metrics rows; use end_rows()")
         unknown = sorted(set(metrics) - set(self.metric_names))
         if unknown:
             raise DumpError(f"metrics/: unknown metrics {unknown}; register extras via extra_metrics")
@@ -462,8 +510,8 @@ class TrajectoryWriter:
             return
         self.close()
         room = f"{free} bytes free" if free < need else f"file size limit {limit} bytes, file {size} bytes"
-        raise DumpError(f"{self.path}: no room for the next write ({room}, need about {need} bytes); iterations up "
-                        f"to {self._last} are committed and readable, resume once there is space")  # fmt: skip
+        raise DumpError(f"{self.path}: no room for the next write ({room}, need about {need} bytes); {self._kept()}, "
+                        "resume once there is space")  # fmt: skip
 
     @contextlib.contextmanager
     def _failing_write(self) -> Iterator[None]:
@@ -485,8 +533,13 @@ class TrajectoryWriter:
                 free = f"{shutil.disk_usage(self.path.parent).free} bytes free"
             except OSError:
                 free = "free space unknown"
-            raise DumpError(f"{self.path}: writing failed ({free}; iterations up to {self._last} are committed "
-                            f"and readable): {why}") from None  # fmt: skip
+            raise DumpError(f"{self.path}: writing failed ({free}; {self._kept()}): {why}") from None
+
+    def _kept(self) -> str:
+        """What survives a failed write, in the words of an error message."""
+        if self.commits:
+            return f"iterations up to {self._last} are committed and readable"
+        return f"this shard's rows up to iteration {self._last} are on disk (rank 0's shard commits iterations)"
 
     def _abandon(self) -> None:
         f, self._f = self._f, None

@@ -45,7 +45,7 @@ def committed_iterations(run_dir: Path) -> int:
     run = RunDir(run_dir)
     if not run.has_dump():
         return 0
-    with TrajectoryReader(run.dump) as r:
+    with TrajectoryReader(run.commit_dump) as r:
         return len(r.iterations())
 
 

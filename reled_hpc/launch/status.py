@@ -88,7 +88,7 @@ def _progress(run_dir: Path, iterations_total: int | None) -> dict[str, Any]:
     from ..io import TrajectoryReader
 
     out: dict[str, Any] = {"iterations": 0, "of": iterations_total, "travel_time": None}
-    h5 = RunDir(run_dir).dump
+    h5 = RunDir(run_dir).commit_dump
     if h5.exists():
         try:
             with warnings.catch_warnings():
