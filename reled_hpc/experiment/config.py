@@ -79,8 +79,7 @@ class DistConfig:
     sync_check_every: int = 10
     """allreduce: every this many iterations, check that all ranks hold identical weights and Adam state (0: off)."""
     dump: Literal["auto", "single", "sharded"] = "auto"
-    """HDF5 dump: 'single' file rank 0 writes from gathered rows; 'sharded': a file per rank and a master of
-    virtual datasets (docs/hdf5_schema.md); 'auto': sharded if R > 1."""
+    """HDF5 dump: 'single' file from rank 0; 'sharded': a shard per rank + a VDS master; 'auto': sharded if R > 1."""
 
     def validate(self, where: str = "dist") -> None:
         # generous: 100 ranks of env.n_agents' own bound; a larger value is a typo that would fail mid-run
