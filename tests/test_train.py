@@ -282,3 +282,46 @@ def test_ingolstadt_with_its_own_demand_trains_ippo(tmp_path, ingolstadt):
         assert r.config["env"]["demand"]["kind"] == "file"
         rows = r.read("agent", columns=["agent_id", "iteration"])
     assert set(np.unique(rows["agent_id"])) <= set(range(12)) and len(rows["agent_id"]) > 12
+
+
+def test_background_commit_writes_what_the_inline_commit_writes(tmp_path, grid):
+    """dist.async_commit: rank 0 commits iteration k in a thread while iteration k+1 rolls out; the dump,
+    TensorBoard scalars aside, and the checkpoints are those of the inline commit, and a commit that fails
+    in the thread fails the run with its own error."""
+    from reled_hpc.experiment.run_dir import checkpoint_files
+    from reled_hpc.experiment.train import Trainer
+
+    dumps = {}
+    for mode in (False, True):
+        d = _cfg_dict(tmp_path, "reled", 3, name=f"commit-{mode}", checkpoint_every=2, dist={"async_commit": mode})
+        run, last = train(_write_cfg(tmp_path, d))
+        assert last is not None and last["iteration"] == 2
+        assert [p.name for p in checkpoint_files(run / "checkpoints")] == ["ckpt_000001.pt", "ckpt_000002.pt"]
+        state = Trainer.load_checkpoint(checkpoint_files(run / "checkpoints")[-1])
+        with TrajectoryReader(run / "trajectories.h5") as r:
+            dumps[mode] = (r.read("agent"), r.read("expert"), r.metrics(), state["learner"]["net"])
+    (a0, e0, m0, w0), (a1, e1, m1, w1) = dumps[False], dumps[True]
+    for c in a0:
+        assert np.array_equal(a0[c], a1[c]) and np.array_equal(e0[c], e1[c]), c
+    for k in ("iteration", "mean_return", "mean_travel_time", "alpha_mean", "dtw_mean", "policy_loss", "decisions"):
+        assert np.array_equal(m0[k], m1[k], equal_nan=True), k
+    assert all(np.array_equal(w0[k].numpy(), w1[k].numpy()) for k in w0)
+
+
+def test_a_commit_failing_in_the_background_fails_the_run(tmp_path, grid, monkeypatch):
+    from reled_hpc.errors import DumpError
+    from reled_hpc.io import TrajectoryWriter
+
+    real = TrajectoryWriter.end_iteration
+
+    def failing(self, metrics):
+        if int(metrics["iteration"]) == 1:
+            raise DumpError(f"{self.path}: injected commit failure")
+        return real(self, metrics)
+
+    monkeypatch.setattr(TrajectoryWriter, "end_iteration", failing)
+    d = _cfg_dict(tmp_path, "ippo", 4, name="commit-fails", checkpoint_every=10, dist={"async_commit": True})
+    with pytest.raises(DumpError, match="injected commit failure"):
+        train(_write_cfg(tmp_path, d))
+    with TrajectoryReader(tmp_path / "runs" / "commit-fails" / "trajectories.h5") as r:
+        assert list(r.iterations()) == [0]  # the run stopped at the failed commit: nothing after it

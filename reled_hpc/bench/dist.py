@@ -27,7 +27,8 @@ PARTS = ("rollout_s", "expert_s", "dtw_s", "comm_s", "update_s", "write_s")
 
 
 def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: float, algorithm: str,
-            learner: str = "auto", dump: str = "auto", traffic: str = "light") -> dict[str, Any]:  # fmt: skip
+            learner: str = "auto", dump: str = "auto", traffic: str = "light",
+            commit: str = "background", scenario_period: int = 1) -> dict[str, Any]:  # fmt: skip
     from ..experiment.run_dir import RunDir
     from ..io import TrajectoryReader
 
@@ -37,7 +38,9 @@ def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: fl
             "checkpoint_every": iterations, "runs_dir": tmp, "tensorboard": False,
             "env": {"map": map_name, "n_agents": agents, "traffic": traffic, "horizon_s": horizon,
                     "depart_window_s": min(120.0, horizon / 4)},
-            "dist": {"total_agents": agents, "learner": learner, "dump": dump},
+            "dist": {"total_agents": agents, "learner": learner, "dump": dump,
+                     "async_commit": commit == "background"},
+            "hpo": {"scenario_period": scenario_period},
         }  # fmt: skip
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -58,6 +61,8 @@ def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: fl
         "ranks": ranks,
         "learner": learner,
         "dump": dump,
+        "commit": commit,
+        "scenario_period": scenario_period,
         "agents": agents,
         "agents_per_rank": agents / ranks,
         "iteration_s": round(iter_s, 3),
@@ -82,6 +87,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", type=float, default=300.0, help="episode horizon (simulated s)")
     p.add_argument("--traffic", default="light", choices=["none", "light", "medium", "heavy"])
     p.add_argument("--per-rank", action="store_true", help="--agents are per rank (total = agents x ranks)")
+    p.add_argument(
+        "--commit",
+        nargs="+",
+        default=["background"],
+        choices=["background", "inline"],
+        help="dist.async_commit on (background) or off (inline); several: each config runs with each",
+    )
+    p.add_argument("--scenario-period", type=int, default=1, help="hpo.scenario_period of the runs")
     p.add_argument("--dump", nargs="+", default=["auto"], choices=["auto", "single", "sharded"],
                    help="dist.dump of the runs; several: each agent count runs with each")  # fmt: skip
     p.add_argument("--algorithm", default="reled", choices=["ippo", "mappo", "qmix", "reled"])
@@ -92,8 +105,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # alternate the updates per agent count, so slow drift of the machine's load hits both alike
     results = [run_one(r, n * r if args.per_rank else n, args.iterations, args.map, args.horizon, args.algorithm,
-                       learner, dump, args.traffic)
-               for r in args.ranks for n in args.agents for learner in args.learner for dump in args.dump]  # fmt: skip
+                       learner, dump, args.traffic, commit, args.scenario_period)
+               for r in args.ranks for n in args.agents for learner in args.learner for dump in args.dump
+               for commit in args.commit]  # fmt: skip
     out: dict[str, Any] = {"bench": "dist", "ranks": args.ranks, "map": args.map, "horizon_s": args.horizon,
                            "algorithm": args.algorithm, "learners": args.learner, "dumps": args.dump,
                            "traffic": args.traffic, "results": results}  # fmt: skip
@@ -105,11 +119,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     {"ranks": r["ranks"], "agents": r["agents"], "dump": r["dump"]})  # fmt: skip
             row.update({f"{r['learner']}_{k}": r[k] for k in keys})
         out["learner_comparison"] = list(groups.values())
+    if len(args.commit) > 1:
+        out["commit_comparison"] = [
+            {k: r[k] for k in ("ranks", "agents", "learner", "dump", "commit", "iteration_s", "write_s")}
+            for r in results
+        ]
     if len(args.ranks) > 1:
         # what rank 0 carries as ranks are added (same agents per rank with --per-rank)
         keys = ("peak_rss_mb_rank0", "root_gather_bytes_per_iteration", "iteration_s")
         out["rank_scaling"] = [{k: r[k] for k in ("ranks", "agents", "learner", "dump", *keys)} for r in results]
-    first = [r for r in results if r["learner"] == args.learner[0] and r["dump"] == args.dump[0]]
+    base = (args.learner[0], args.dump[0], args.commit[0])
+    first = [r for r in results if (r["learner"], r["dump"], r["commit"]) == base]
     if len(first) > 1 and len(args.ranks) == 1:
         a0, a1 = first[0], first[-1]
         out["growth"] = {

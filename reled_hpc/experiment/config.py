@@ -78,6 +78,8 @@ class DistConfig:
     """Update: 'central' on rank 0, 'allreduce' data-parallel on every rank (PPO family); 'auto': allreduce if R > 1."""
     sync_check_every: int = 10
     """allreduce: every this many iterations, check that all ranks hold identical weights and Adam state (0: off)."""
+    async_commit: bool = False
+    """Rank 0 commits in a thread during the next rollout (a job abort then loses the iteration in flight)."""
     dump: Literal["auto", "single", "sharded"] = "auto"
     """HDF5 dump: 'single' file from rank 0; 'sharded': a shard per rank + a VDS master; 'auto': sharded if R > 1."""
 

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,8 @@ class Trainer:
         self.allreduce = cfg.dist.learner_mode(cfg.algorithm, self.size) == "allreduce" and self.size > 1
         self.sharded = cfg.dist.dump_mode(self.size) == "sharded"
         self.master: MasterWriter | None = None
+        self._committer = ThreadPoolExecutor(1, "commit") if self.root and cfg.dist.async_commit else None
+        self._commit_pending: Future[None] | None = None
         self._llm_server: Any = None
         self.expert: ExpertSource | None = self._make_expert()
         self._programs: list[dict[str, Any]] = []
@@ -354,6 +357,7 @@ class Trainer:
         return found
 
     def save_checkpoint(self, iteration: int) -> Path:
+        self.wait_commit()  # a checkpoint is never ahead of the dump's last commit (resume relies on it)
         path = checkpoint_file(self.folder.checkpoints, iteration)
         state = {
             "iteration": iteration,
@@ -554,22 +558,39 @@ class Trainer:
         self.wall_s += tw - t0
         metrics["wall_s"] = self.wall_s
         metrics["write_s"] = write_s
-        self.writer.end_iteration(metrics)  # commits the iteration in the dump
-        if self.master is not None:
-            self.master.write(self._master_rows(counts), self.writer.n_committed)
-        dt = time.perf_counter() - tw  # the commit's time counts in the next iteration's wall time
-        self.wall_s += dt
+        rows = self._master_rows(counts) if self.master is not None else None
+        if self._committer is not None:
+            # the commit runs while this rank goes on with the next rollout; waited for before rank 0 touches
+            # the dump again (its next rows, a checkpoint, close)
+            self._commit_pending = self._committer.submit(self._commit, it, dict(metrics), rows)
+        else:
+            self._commit(it, metrics, rows)
+            self.wall_s += time.perf_counter() - tw  # counted in the next iteration's wall time
+        return metrics
+
+    def _commit(self, it: int, metrics: dict[str, float], rows: dict[str, list[int]] | None) -> None:
+        """Rank 0: commit the iteration in the dump, replace a sharded dump's master, TensorBoard."""
+        assert self.writer is not None
+        self.writer.end_iteration(metrics)
+        if self.master is not None and rows is not None:
+            self.master.write(rows, self.writer.n_committed)
         if self.tb is not None:
             for k, v in metrics.items():
                 if k != "iteration" and np.isfinite(v):
                     self.tb.add_scalar(k, v, it)
             self.tb.flush()
-        return metrics
+
+    def wait_commit(self) -> None:
+        """Rank 0: wait for the iteration being committed in the background; its error is raised here."""
+        pending, self._commit_pending = self._commit_pending, None
+        if pending is not None:
+            pending.result()
 
     def _write_rows(self, it: int, agent: Batch, expert: Batch | None,
                     programs: list[list[dict[str, Any]]]) -> np.ndarray:  # fmt: skip
         """Append an iteration's rows to this rank's file (a shard without commits: make them durable);
         returns the file's row counts of agent/, expert/, programs/ once they are on disk."""
+        self.wait_commit()  # rows of one iteration at a time, after the previous one's commit
         assert self.writer is not None
         self.writer.append_rows("agent", dump_rows(agent, it))
         if expert is not None:
@@ -653,6 +674,14 @@ class Trainer:
         return last
 
     def close(self) -> None:
+        """Finish a commit in flight (its error is raised once everything is closed), then close."""
+        failed: BaseException | None = None
+        try:
+            self.wait_commit()
+        except BaseException as exc:  # raised below, after the files, server and simulation are closed
+            failed = exc
+        if self._committer is not None:
+            self._committer.shutdown()
         if self._llm_server is not None:
             self._llm_server.__exit__(None, None, None)
         if self.writer is not None:
@@ -660,6 +689,8 @@ class Trainer:
         self.env.close()
         if self.tb is not None:
             self.tb.close()
+        if failed is not None:
+            raise failed
 
 
 def _setup_logging(run: RunDir) -> None:
