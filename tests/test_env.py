@@ -195,3 +195,38 @@ def test_1000_agents_every_agent_accounted_for(helsinki):
     assert statuses <= {"arrived", "failed", "truncated"}
     assert m["agents"] == 1000 and m["arrived"] + m["failed"] + m["truncated"] == 1000
     assert m["arrived"] > 0 and m["decisions"] > 1000
+
+
+def test_queue_skipped_edge_checks_change_nothing(grid, monkeypatch):
+    """Edge checks skipped while the odometer shows a vehicle cannot have reached its edge's end (queues)
+    give the same episode, decision order included, as without those skips."""
+    import itertools
+
+    import libsumo
+
+    calls = [0]
+    get_route_index = libsumo.vehicle.getRouteIndex
+
+    def counted(vid: str) -> int:
+        calls[0] += 1
+        return get_route_index(vid)
+
+    monkeypatch.setattr(libsumo.vehicle, "getRouteIndex", counted)
+
+    def episode() -> tuple[list, str, int]:
+        calls[0] = 0
+        trace = []
+        with NavigationEnv(_cfg(n_agents=40, traffic="heavy", horizon_s=400.0), grid) as env:
+            policy = make_policy("random", env, seed=2)
+            obs, infos = env.reset(seed=5)
+            while not env.done:
+                obs, rew, _, _, infos = env.step(actions(policy, env, obs, infos))
+                trace.append((env.sim_steps, list(obs), [o.tobytes() for o in obs.values()], list(rew.values())))
+            return trace, repr(env.metrics()), calls[0]
+
+    trace, metrics, n_checks = episode()
+    leaps = itertools.count()  # an odometer that leaps a km per reading: it never justifies a skip
+    monkeypatch.setattr(libsumo.vehicle, "getDistance", lambda vid: 1000.0 * next(leaps))
+    trace_all, metrics_all, n_checks_all = episode()
+    assert n_checks < n_checks_all  # checks were skipped
+    assert trace == trace_all and metrics == metrics_all

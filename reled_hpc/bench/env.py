@@ -11,7 +11,7 @@ from ..sim.env import EnvConfig, NavigationEnv
 from ..sim.policies import actions, make_policy
 
 
-def _raw_run(env: NavigationEnv, steps: int) -> tuple[float, int]:
+def _raw_run(env: NavigationEnv, steps: int) -> tuple[float, float, int]:
     """Same map, background and agent trips, agents on fixed shortest-path routes, no control."""
     import libsumo
 
@@ -27,27 +27,28 @@ def _raw_run(env: NavigationEnv, steps: int) -> tuple[float, int]:
             departLane="best",
             departSpeed="max",
         )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for _ in range(steps):
         libsumo.simulationStep()
         n += 1
         if libsumo.simulation.getMinExpectedNumber() == 0:
             break
-    return time.perf_counter() - t0, n
+    return time.perf_counter() - t0, time.process_time() - c0, n
 
 
-def _controlled_run(env: NavigationEnv, steps: int, seed: int) -> tuple[float, dict[str, Any]]:
+def _controlled_run(env: NavigationEnv, steps: int, seed: int) -> tuple[float, float, dict[str, Any]]:
     policy = make_policy("shortest_path", env)
     obs, infos = env.reset(seed=seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while not env.done and env.sim_steps < steps:
         obs, _, _, _, infos = env.step(actions(policy, env, obs, infos))
-    return time.perf_counter() - t0, env.metrics()
+    return time.perf_counter() - t0, time.process_time() - c0, env.metrics()
 
 
 def bench_env(map_name: str, agents: int, steps: int, traffic: str, seed: int, repeats: int = 3) -> dict[str, Any]:
-    """Controlled and raw runs alternate `repeats` times; the fastest of each is kept (this VM is noisy)."""
+    """Controlled and raw runs alternate `repeats` times; the fastest of each is kept (this VM is noisy).
+    The `_cpu` fields use this process's CPU time, which other processes' load disturbs less than wall time."""
     cfg = EnvConfig(
         map=map_name,
         n_agents=agents,
@@ -56,14 +57,16 @@ def bench_env(map_name: str, agents: int, steps: int, traffic: str, seed: int, r
         horizon_s=float(max(steps, 1)),
         depart_window_s=min(60.0, steps / 4),
     )
-    ctrl, raw = [], []
+    ctrl, raw, ctrl_cpu, raw_cpu = [], [], [], []
     with NavigationEnv(cfg) as env:
         for _ in range(repeats):
-            wall, metrics = _controlled_run(env, steps, seed)
+            wall, cpu, metrics = _controlled_run(env, steps, seed)
             sim_steps = env.sim_steps
             ctrl.append(wall)
-            raw_wall, raw_steps = _raw_run(env, sim_steps)  # exactly as many simulated seconds
+            ctrl_cpu.append(cpu)
+            raw_wall, cpu, raw_steps = _raw_run(env, sim_steps)  # exactly as many simulated seconds
             raw.append(raw_wall)
+            raw_cpu.append(cpu)
     ctrl_wall, raw_wall = min(ctrl), min(raw)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return {
@@ -84,6 +87,9 @@ def bench_env(map_name: str, agents: int, steps: int, traffic: str, seed: int, r
         "raw_wall_s_all": [round(w, 3) for w in raw],
         "raw_sumo_steps_per_s": round(raw_steps / raw_wall, 1),
         "overhead_ratio": round((ctrl_wall / sim_steps) / (raw_wall / max(raw_steps, 1)), 3),
+        "controlled_cpu_s": round(min(ctrl_cpu), 3),
+        "raw_cpu_s": round(min(raw_cpu), 3),
+        "overhead_ratio_cpu": round((min(ctrl_cpu) / sim_steps) / (max(min(raw_cpu), 1e-9) / max(raw_steps, 1)), 3),
         "arrival_rate": metrics["arrival_rate"],
         "agents_active_at_end": metrics["active"] + metrics["truncated"],
         "peak_rss_mb": round(rss_mb, 1),

@@ -123,6 +123,8 @@ class AgentState:
     status: str = "pending"  # pending | deciding | driving | arrived | failed | truncated
     tail: list[int] = field(default_factory=list)  # provisional shortest path plan[-1] -> goal, REVERSED
     pos: int = 0  # plan index of the edge the vehicle is on
+    order: int = 0  # rank in the order of edge checks (see _advance)
+    odo0: float = -1.0  # odometer when it entered edge `pos`; < 0: checked every second until it leaves
     in_sumo: bool = False  # added to SUMO (maybe still waiting for insertion)
     inserted: bool = False  # on the road
     t_last: float = 0.0  # time of the last decision (reward accounting)
@@ -136,6 +138,11 @@ class AgentState:
 
 
 ENDED = ("arrived", "failed", "truncated")
+_ORDER_STRIDE = 1 << 40  # AgentState.order: a later start of checks first, then by sequence number
+
+
+def _first(item: tuple[int, AgentState, int]) -> int:
+    return item[0]
 
 
 _LIVE: weakref.ref[NavigationEnv] | None = None  # libsumo runs one simulation per process
@@ -184,6 +191,11 @@ class NavigationEnv:
         norms = np.linalg.norm(self._heading_vec, axis=1, keepdims=True)
         self._heading_vec = self._heading_vec / np.maximum(norms, 1e-9)
         g = self.graph
+        self._length: list[float] = g.length.tolist()
+        self._out_degree: list[int] = g.out_degree.tolist()
+        self._speed: list[float] = g.speed.tolist()
+        # whole seconds a vehicle that just entered an edge stays on it at least, minus one of margin
+        self._min_stay: list[int] = ((g.length / g.speed).astype(np.int64) - 1).tolist()
         self._scalar_tables = (  # Python lists: scalar reads from lists are ~10x faster than from arrays
             (g.length / LENGTH_UNIT_M).tolist(),
             (g.speed / SPEED_UNIT).tolist(),
@@ -279,6 +291,7 @@ class NavigationEnv:
         self._deciding: dict[str, AgentState] = {}
         self._dirty: dict[str, AgentState] = {}
         self._checks: dict[int, list[AgentState]] = {}  # step -> agents whose edge may have changed
+        self._order_seq = 0
         self._n_live = len(trips)
         self._n_arrived = 0
         self._bg_depart: dict[str, float] = {}
@@ -307,14 +320,21 @@ class NavigationEnv:
         return self._advance()
 
     # ---- decisions -----------------------------------------------------------------------------
-    def _candidates(self, st: AgentState) -> np.ndarray:
-        succ = self.graph.successors(st.plan[-1])
-        # only ways on from which the goal can still be reached (all of them on a strongly connected map)
-        succ = succ[np.isfinite(self.graph.cost_to(st.trip.dest)[succ])]
+    def _candidates(self, st: AgentState) -> tuple[np.ndarray, np.ndarray]:
+        """The candidate edges and the shortest distance to the goal from the start of each."""
+        g = self.graph
+        succ = g.successors(st.plan[-1])
+        cost = g.cost_to(st.trip.dest)[succ]
+        # only ways on from which the goal can still be reached (all of them on a strongly connected map);
+        # a list test: numpy's reductions cost more than the few successors they would scan
+        if np.inf in cost.tolist():
+            reach = np.isfinite(cost)
+            succ, cost = succ[reach], cost[reach]
+        dist = cost + g.length[succ]
         if len(succ) > self.config.a_max:  # keep the a_max closest to the goal (documented cap)
-            dist = self._dist_after(st, succ)
-            succ = succ[np.argsort(dist, kind="stable")[: self.config.a_max]]
-        return succ
+            keep = np.argsort(dist, kind="stable")[: self.config.a_max]
+            succ, dist = succ[keep], dist[keep]
+        return succ, dist
 
     def _apply(self, aid: str, st: AgentState, act: Any) -> None:
         n = len(st.candidates)
@@ -341,11 +361,9 @@ class NavigationEnv:
 
     def _extend_forced(self, st: AgentState) -> None:
         """Take single-exit junctions without asking, up to the lookahead."""
-        g = self.graph
-        while (
-            st.plan[-1] != st.trip.dest and g.out_degree[st.plan[-1]] == 1 and self._ahead(st) < self.config.lookahead
-        ):
-            self._take(st, int(g.successors(st.plan[-1])[0]))
+        g, plan, out_degree = self.graph, st.plan, self._out_degree
+        while plan[-1] != st.trip.dest and out_degree[plan[-1]] == 1 and self._ahead(st) < self.config.lookahead:
+            self._take(st, int(g.successors(plan[-1])[0]))
 
     def _take(self, st: AgentState, edge: int) -> None:
         """Append `edge` to the plan. SUMO drives plan + tail (the shortest way on, so its lane choice
@@ -363,14 +381,7 @@ class NavigationEnv:
     def _needs_decision(self, st: AgentState) -> bool:
         return st.plan[-1] != st.trip.dest and len(st.plan) - 1 - st.pos < self.config.lookahead
 
-    def _dist_after(self, st: AgentState, cands: np.ndarray) -> np.ndarray:
-        """Shortest distance to the goal from the start of each candidate edge."""
-        return self.graph.cost_to(st.trip.dest)[cands] + self.graph.length[cands]
-
     # ---- simulation loop -------------------------------------------------------------------------
-    def _schedule(self, st: AgentState, step: int) -> None:
-        self._checks.setdefault(step, []).append(st)
-
     def _flush_routes(self) -> None:
         import libsumo
 
@@ -424,7 +435,8 @@ class NavigationEnv:
         states = self.agents_state
         ended: dict[str, float] = {}
         get_route_index = libsumo.vehicle.getRouteIndex
-        length, speed = self.graph.length, self.graph.speed
+        get_distance = libsumo.vehicle.getDistance
+        length, speed, min_stay = self._length, self._speed, self._min_stay
         while True:
             self._activate_departures()
             if self._deciding or self._n_live == 0:
@@ -446,7 +458,9 @@ class NavigationEnv:
                     self._bg_depart[vid] = self.time
                 elif st.status == "driving":
                     st.inserted = True
-                    self._schedule(st, step)
+                    self._order_seq += 1
+                    st.order = self._order_seq  # behind every vehicle already checked every second
+                    self._checks.setdefault(step, []).append(st)
             for vid in libsumo.simulation.getStartingTeleportIDList():
                 st = states.get(vid)
                 if st is None:
@@ -465,29 +479,52 @@ class NavigationEnv:
                     self._catch_up(st, len(st.plan) + len(st.tail) - 1)
                     st.pos = len(st.plan) - 1
                     self._end_agent(st, "arrived", "", ended)
+            # A vehicle's edge is checked from when it can first have left it (min stay), then every second
+            # but for the seconds in which its odometer shows it cannot reach the edge's end yet (queues).
+            # The odometer skips must not reorder decisions: agents that must decide join `_deciding` in
+            # the order of the check list without them, ranked by `order` (a vehicle whose checks start
+            # anew after a min stay goes first, a departing one last; see the assignments).
             checks = self._checks
             later = checks.setdefault(step + 1, [])
+            moved: list[tuple[int, AgentState, int]] = []
             for st in checks.pop(step, ()):
                 if st.status != "driving":
                     continue
                 pos = get_route_index(st.vid)
                 if pos == st.pos:
-                    later.append(st)
-                    continue
-                if pos >= len(st.plan):
-                    self._catch_up(st, pos)
-                st.pos = pos
-                if self._needs_decision(st):
-                    st.status = "deciding"
-                    self._deciding[st.vid] = st
-                # it entered edge `pos` within the last second at <= the limit (speedDev 0): it cannot
-                # leave before length/limit - 1 s; check every second from then on
-                e = st.plan[pos]
-                skip = int(length[e] / speed[e]) - 1
+                    if st.odo0 < 0:
+                        later.append(st)
+                        continue
+                    # it was at most `limit` m into the edge when it entered it (see below) and has driven
+                    # `odometer - odo0` m since, at <= the limit
+                    e = st.plan[pos]
+                    skip = int((length[e] - (get_distance(st.vid) - st.odo0)) / speed[e]) - 1
+                    if skip <= 1:
+                        st.odo0 = -1.0  # the odometer only grows: no bound from now on
+                else:
+                    plan = st.plan
+                    if pos >= len(plan):
+                        self._catch_up(st, pos)
+                    st.pos = pos
+                    # it entered edge `pos` within the last second at <= the limit (speedDev 0): it cannot
+                    # leave before length/limit - 1 s
+                    skip = min_stay[plan[pos]]
+                    moved.append((st.order, st, skip))
                 if skip <= 1:
                     later.append(st)
                 else:
                     checks.setdefault(step + skip, []).append(st)
+            moved.sort(key=_first)
+            for _, st, skip in moved:
+                if self._needs_decision(st):
+                    st.status = "deciding"
+                    self._deciding[st.vid] = st
+                if skip > 1:  # its checks start anew at step + skip
+                    self._order_seq += 1
+                    st.order = self._order_seq - (step + skip) * _ORDER_STRIDE
+                    st.odo0 = get_distance(st.vid)
+                else:
+                    st.odo0 = -1.0
         return self._emit(ended, charge)
 
     def _activate_departures(self) -> None:
@@ -511,7 +548,7 @@ class NavigationEnv:
         infos: dict[str, dict[str, Any]] = {}
         no_mask = np.zeros(cfg.a_max, dtype=bool)
         for st in list(self._deciding.values()):
-            st.candidates = self._candidates(st)
+            st.candidates, st.cand_dist = self._candidates(st)
             if len(st.candidates) == 0:  # only on maps that are not strongly connected
                 if st.in_sumo:
                     import libsumo
@@ -533,8 +570,6 @@ class NavigationEnv:
             }
         deciding = list(self._deciding.values())
         if deciding:
-            for st in deciding:
-                st.cand_dist = self._dist_after(st, st.candidates)
             feats, masks = self._observe_batch(deciding)
             ids = self.graph.edge_ids
             for i, st in enumerate(deciding):
@@ -550,7 +585,7 @@ class NavigationEnv:
                 truncs[aid] = False
                 infos[aid] = {
                     "action_mask": masks[i],
-                    "candidates": [ids[c] for c in st.candidates],
+                    "candidates": [ids[c] for c in st.candidates.tolist()],
                     "edge": ids[st.plan[-1]],
                     "xy": self._position(st),
                     "status": "deciding",
@@ -584,8 +619,9 @@ class NavigationEnv:
         cfg = self.config
         length_km, speed_n, speed, start_xy, end_xy, head = self._scalar_tables
         scale, horizon, a_max = self.graph.scale, cfg.horizon_s, cfg.a_max
+        stats, live_stats = self._edge_stats, self.live_stats
         pad = [0.0] * len(CAND_FEATURES)
-        rows = []
+        flat: list[float] = []  # all rows: one conversion to an array
         masks = np.zeros((len(sts), a_max), dtype=bool)
         for i, st in enumerate(sts):
             cands = st.candidates.tolist()
@@ -595,19 +631,19 @@ class NavigationEnv:
             dest = st.trip.dest
             gx, gy = end_xy[dest]
             dist_goal = min(dists)
-            row = [
+            flat += (
                 1.0 - dist_goal / max(st.start_cost, 1.0),
                 (self.time - st.trip.depart) / horizon,
                 dist_goal / scale,
                 k / a_max,
-            ]
+            )
             for c, d in zip(cands, dists, strict=True):
-                occ, spd = self.live_stats(c)
+                occ, spd = stats.get(c) or live_stats(c)
                 sx, sy = start_xy[c]
                 tx, ty = gx - sx, gy - sy
                 norm = (tx * tx + ty * ty) ** 0.5
                 hx, hy = head[c]
-                row += (
+                flat += (
                     length_km[c],
                     speed_n[c],
                     occ,
@@ -617,9 +653,8 @@ class NavigationEnv:
                     (hx * tx + hy * ty) / norm if norm > 1e-6 else 1.0,
                     1.0 if c == dest else 0.0,
                 )
-            row += pad * (a_max - k)
-            rows.append(row)
-        return np.asarray(rows, dtype=np.float32), masks
+            flat += pad * (a_max - k)
+        return np.array(flat, dtype=np.float32).reshape(len(sts), cfg.obs_dim), masks
 
     GLOBAL_FEATURES = (
         "time",
@@ -658,7 +693,7 @@ class NavigationEnv:
 
     # ---- helpers for reference policies -------------------------------------------------------------
     def shortest_choice(self, aid: str) -> int:
-        return int(np.argmin(self.agents_state[aid].cand_dist))
+        return int(self.agents_state[aid].cand_dist.argmin())
 
     def fastest_choice(self, aid: str) -> int:
         """Candidate with the least live travel time to the goal (edge times refreshed periodically)."""

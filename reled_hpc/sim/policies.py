@@ -54,9 +54,10 @@ def actions(actor: Actor, env: NavigationEnv, obs: dict[str, np.ndarray],
     ids = deciding(obs, infos)
     if not ids:
         return {}
-    m = np.stack([infos[a]["action_mask"] for a in ids])
+    # np.array, not np.stack: same result, less per-call overhead for the few rows of a step
+    m = np.array([infos[a]["action_mask"] for a in ids])
     if getattr(actor, "observes", True):
-        acts, _, _ = actor(np.stack([obs[a] for a in ids]), m, env.global_state())
+        acts, _, _ = actor(np.array([obs[a] for a in ids]), m, env.global_state())
     else:
         acts, _, _ = actor(np.empty((len(ids), 0), np.float32), m, np.empty(0, np.float32))
     return {a: int(x) for a, x in zip(ids, acts, strict=True)}
