@@ -7,9 +7,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reled_hpc.errors import ReledError
+
+if TYPE_CHECKING:
+    from .tables import RobustOptions
 
 X_CHOICES = ("env_steps", "wall_s", "iteration")
 
@@ -92,17 +95,24 @@ def cmd_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _robust_options(args: argparse.Namespace) -> RobustOptions:
+    from .tables import RobustOptions
+
+    return RobustOptions(focus=args.focus, fraction=args.efficiency_fraction, target=args.efficiency_target,
+                         reps=args.bootstrap_reps, seed=args.bootstrap_seed)  # fmt: skip
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .load import default_threshold, group_runs, load_sweep
-    from .tables import compare_rows, to_csv, to_markdown
+    from .tables import compare, to_csv, to_markdown
 
     sweep = load_sweep(args.sweep, args.references)
     _warn(sweep.bad + [p for r in sweep.runs for p in r.problems])
     threshold = default_threshold(sweep.references, args.threshold_travel_time)
-    rows = compare_rows(group_runs(sweep.runs), sweep.references, threshold, args.window)
-    md = to_markdown(rows, threshold, sweep.bad, args.window)
+    cmp = compare(group_runs(sweep.runs), sweep.references, threshold, args.window, _robust_options(args))
+    md = to_markdown(cmp, sweep.bad)
     print(md, end="")
-    for path, text in ((args.output, md), (args.csv, to_csv(rows) if args.csv else "")):
+    for path, text in ((args.output, md), (args.csv, to_csv(cmp) if args.csv else "")):
         if path:
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +171,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ReledError(f"{args.output}: the report is HTML; name it *.html")
     sweep = load_sweep(args.sweep, args.references)
     threshold = default_threshold(sweep.references, args.threshold_travel_time)
-    page, problems = build_report(sweep, threshold, max_sed=args.max_sed_plots)
+    page, problems = build_report(sweep, threshold, max_sed=args.max_sed_plots, options=_robust_options(args))
     _warn(problems)
     out = write_report(page, args.output)
     print(f"wrote {out} ({len(page) / 1e6:.1f} MB): {len(sweep.runs)} runs")
@@ -174,6 +184,31 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def _add_robust_options(p: argparse.ArgumentParser) -> None:
+    """The options of the robust statistics, shared by compare and report."""
+    p.add_argument("--focus", metavar="ALGO|LABEL",
+                   help="group(s) whose probability of improvement over each other group is tabulated: a group "
+                   "label, or an algorithm (all its groups); default: the reled groups, if any")  # fmt: skip
+    p.add_argument("--efficiency-fraction", type=_fraction, default=0.5, metavar="F",
+                   help="sample efficiency: env steps to a travel time F of the way from the random reference "
+                   "to the DUE reference (default 0.5)")  # fmt: skip
+    p.add_argument("--efficiency-target", default="due", metavar="POLICY",
+                   help="the reference the sample-efficiency level heads to (default due; without it in the "
+                   "references: shortest_path, fastest_path or free_flow, said in the notes)")  # fmt: skip
+    p.add_argument("--bootstrap-reps", type=_positive_int, default=2000, metavar="N",
+                   help="bootstrap resamples of the 95%% CIs (default 2000)")  # fmt: skip
+    p.add_argument(
+        "--bootstrap-seed", type=int, default=0, metavar="SEED", help="bootstrap seed (default 0): same seed, same CIs"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -229,11 +264,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     m = asub.add_parser(
         "compare",
-        help="table of a sweep: final metrics over seeds, time to a travel-time threshold",
+        help="table of a sweep: final metrics over seeds (IQM, bootstrap CI), probability of improvement, "
+        "sample efficiency, time to a travel-time threshold",
         description="Find every trajectories.h5 under SWEEP_DIR, group the runs by config minus the seed, and "
-        "tabulate final travel time, return and arrival rate (mean ± std over seeds), the seeds, and the env "
-        "steps and wall time to first reach the travel-time threshold (default: the shortest_path reference "
-        "of SWEEP_DIR/references.json). Markdown on stdout; unreadable runs are named and skipped.",
+        "tabulate final travel time, return and arrival rate (IQM over seeds with a 95%% bootstrap CI; mean ± "
+        "std in the CSV), the probability that the --focus group beats each other group, the env steps to a "
+        "travel time between the random and DUE references (sample efficiency), and the env steps and wall "
+        "time to first reach the travel-time threshold (default: the shortest_path reference of "
+        "SWEEP_DIR/references.json). Markdown on stdout; unreadable runs are named and skipped.",
     )
     m.add_argument("sweep", metavar="SWEEP_DIR")
     m.add_argument("-o", "--output", metavar="table.md", help="also write the Markdown table here")
@@ -241,6 +279,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--threshold-travel-time", type=float, metavar="S", help="travel-time threshold (s)")
     m.add_argument("--references", metavar="JSON", help="references file (default: SWEEP_DIR/references.json)")
     m.add_argument("--window", type=_positive_int, default=5, help="iterations averaged for final values (default 5)")
+    _add_robust_options(m)
     m.set_defaults(func=cmd_compare)
 
     d = asub.add_parser(
@@ -285,4 +324,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--threshold-travel-time", type=float, metavar="S", help="travel-time threshold (s)")
     r.add_argument("--references", metavar="JSON", help="references file (default: SWEEP_DIR/references.json)")
     r.add_argument("--max-sed-plots", type=_positive_int, default=12, help="at most this many SED figures")
+    _add_robust_options(r)
     r.set_defaults(func=cmd_report)

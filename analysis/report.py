@@ -14,7 +14,7 @@ from .load import Sweep, group_runs, open_dump, run_data
 from .plots import plot_curves, plot_scaling, plot_sed, png_bytes
 from .rows import recompute_hpo
 from .stats import FINAL_WINDOW, read_programs
-from .tables import compare_rows, fmt_pct, fmt_s, to_html
+from .tables import RobustOptions, compare, fmt_pct, fmt_s, to_html
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
@@ -32,7 +32,9 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def build_report(sweep: Sweep, threshold: float | None, max_sed: int = 12) -> tuple[str, list[str]]:
+def build_report(
+    sweep: Sweep, threshold: float | None, max_sed: int = 12, options: RobustOptions | None = None
+) -> tuple[str, list[str]]:
     """(HTML page, problems noted on the way)."""
     runs = sweep.runs
     groups = group_runs(runs)
@@ -52,17 +54,7 @@ def build_report(sweep: Sweep, threshold: float | None, max_sed: int = 12) -> tu
     label_of = {id(r): g.label for g in groups for r in g.runs}
 
     parts.append("<h2>Comparison</h2>")
-    rows = compare_rows(groups, sweep.references, threshold)
-    parts.append(to_html(rows, threshold))
-    parts.append(
-        f"<p>Final values: mean of the last {FINAL_WINDOW} iterations of each run, then mean ± std over seeds."
-        + (
-            f" Time to threshold: first iteration whose trailing {FINAL_WINDOW}-iteration mean travel time is "
-            f"&le; {threshold:g} s (mean over the seeds that reached it).</p>"
-            if threshold is not None
-            else "</p>"
-        )
-    )
+    parts.append(to_html(compare(groups, sweep.references, threshold, FINAL_WINDOW, options)))  # with its notes
 
     parts.append("<h2>Learning curves</h2>")
     for x, what in (("env_steps", "env steps"), ("wall_s", "wall time")):

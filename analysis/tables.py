@@ -8,18 +8,33 @@ import html
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from reled_hpc.errors import DumpError
+from reled_hpc.errors import DumpError, ReledError
 from reled_hpc.finite import finite_stat
 
 from .load import Dump, Group, RunData, last_finite
+from .robust import (
+    BOOTSTRAP_REPS,
+    BOOTSTRAP_SEED,
+    TARGET_POLICY,
+    Interval,
+    Level,
+    efficiency_level,
+    iqm_interval,
+    probability_of_improvement,
+    steps_or_inf,
+)
 from .rows import returns_by_iteration, row_stats
 from .stats import FINAL_WINDOW, mean_std, read_programs, seconds_per_iteration, sed_stats, time_to_threshold
 
 FINAL_METRICS = ("mean_travel_time", "arrival_rate", "mean_return")
+# the direction of "better" per final metric, for the probability of improvement
+LOWER_IS_BETTER = {"mean_travel_time": True, "arrival_rate": False, "mean_return": False}
+DEFAULT_FOCUS = "reled"  # the paper's method: the focus of the probability of improvement when present
 # the interaction probe's metrics (reled_hpc.experiment.probe), averaged over a run's probes
 PROBE_METRICS = ("route_churn", "probe_external_tt_change", "probe_external_change")
 
@@ -211,20 +226,80 @@ def render_kv(lines: Sequence[tuple[str, str]]) -> str:
 
 
 # ---------------------------------------------------------------------------- comparison
-def compare_rows(
+@dataclass(frozen=True)
+class RobustOptions:
+    """What the comparison's robust statistics need beyond the runs (`analyze compare` options)."""
+
+    focus: str | None = None  # group label or algorithm; None: DEFAULT_FOCUS if the sweep has it
+    fraction: float = 0.5  # sample efficiency: this fraction of the way from random to DUE travel time
+    target: str = TARGET_POLICY
+    reps: int = BOOTSTRAP_REPS
+    seed: int = BOOTSTRAP_SEED
+
+
+@dataclass
+class Comparison:
+    """The comparison table: rows (dicts, one per group then one per reference) and what the notes say."""
+
+    rows: list[dict[str, Any]]
+    threshold: float | None
+    window: int
+    options: RobustOptions
+    focus: list[str]  # labels of the groups whose probability of improvement is tabulated
+    level: Level | None  # the sample-efficiency travel-time level; None without references for it
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_focus(groups: Sequence[Group], focus: str | None) -> list[Group]:
+    """The focus groups: the group labelled `focus`, else every group of algorithm `focus` (case-insensitive).
+    No `focus`: DEFAULT_FOCUS's groups, or none. A `focus` given that matches nothing is an error."""
+    name = (focus or DEFAULT_FOCUS).strip().lower()
+    exact = [g for g in groups if g.label.lower() == name]
+    found = exact or [g for g in groups if g.algorithm.lower() == name]
+    if focus is not None and not found:
+        labels = ", ".join(repr(g.label) for g in groups)
+        raise ReledError(f"--focus {focus!r}: no group has that label or algorithm; the groups: {labels}")
+    return found
+
+
+def _put(row: dict[str, Any], key: str, iv: Interval) -> None:
+    row[key], row[f"{key}_lo"], row[f"{key}_hi"] = iv.value, iv.lo, iv.hi
+
+
+def compare(
     groups: Sequence[Group],
     references: dict[str, dict[str, float]],
     threshold: float | None,
     window: int = FINAL_WINDOW,
-) -> list[dict[str, Any]]:
-    """One row per experiment group (mean/std over seeds) and one per reference policy."""
+    options: RobustOptions | None = None,
+) -> Comparison:
+    """One row per experiment group (mean/std and IQM [CI] over seeds, probability of improvement of the
+    focus groups, sample efficiency) and one per reference policy."""
+    opt = options or RobustOptions()
+    boot = {"reps": opt.reps, "seed": opt.seed}
+    focus = resolve_focus(groups, opt.focus)
+    level, level_note = efficiency_level(references, opt.fraction, opt.target)
+    finals = {id(g): {k: [r.final(k, window) for r in g.runs] for k in FINAL_METRICS} for g in groups}
     out: list[dict[str, Any]] = []
     for g in groups:
         row: dict[str, Any] = {"label": g.label, "algorithm": g.algorithm, "n_seeds": len(g.runs),
                                "seeds": " ".join(str(s) for s in g.seeds), "agents": g.runs[0].total_agents,
                                "reference": False}  # fmt: skip
         for k in FINAL_METRICS:
-            row[f"{k}_mean"], row[f"{k}_std"], _ = mean_std([r.final(k, window) for r in g.runs])
+            row[f"{k}_mean"], row[f"{k}_std"], _ = mean_std(finals[id(g)][k])
+            _put(row, f"{k}_iqm", iqm_interval([finals[id(g)][k]], **boot))
+        row["poi"] = {
+            f.label: {
+                k: probability_of_improvement([finals[id(f)][k]], [finals[id(g)][k]], LOWER_IS_BETTER[k], **boot)
+                for k in FINAL_METRICS
+            }
+            for f in focus
+            if f is not g
+        }
+        if level is not None:
+            steps = [steps_or_inf(time_to_threshold(r, level.value, window)[0]) for r in g.runs]
+            _put(row, "steps_to_level_iqm", iqm_interval([steps], **boot))
+            row["level_reached"] = f"{sum(math.isfinite(s) for s in steps)}/{len(steps)}"
         row["iterations_mean"], _, _ = mean_std([float(r.n_iterations) for r in g.runs])
         row["env_steps_mean"], _, _ = mean_std([last_finite(r.metrics.get("env_steps")) for r in g.runs])
         row["wall_s_mean"], _, _ = mean_std([last_finite(r.metrics.get("wall_s")) for r in g.runs])
@@ -242,11 +317,25 @@ def compare_rows(
         row = {"label": f"{policy} (reference)", "algorithm": policy, "n_seeds": None, "reference": True}
         for k in FINAL_METRICS:
             row[f"{k}_mean"], row[f"{k}_std"] = vals.get(k, math.nan), math.nan
+            _put(row, f"{k}_iqm", Interval(vals.get(k, math.nan), math.nan, math.nan, 1))
         out.append(row)
-    return out
+    notes = [level_note] if level_note else []
+    return Comparison(out, threshold, window, opt, [f.label for f in focus], level, notes)
 
 
-def _columns(threshold: float | None) -> list[tuple[str, str]]:
+def fmt_ci(value: float, lo: float, hi: float, digits: int = 1, scale: float = 1.0) -> str:
+    """'value [lo, hi]' ('value' alone without a CI, '-' for none); +inf as 'never' / '∞' (not reached)."""
+
+    def one(v: float) -> str:
+        return "∞" if v == math.inf else f"{v * scale:,.{digits}f}"
+
+    if not _finite(value) and value != math.inf:
+        return "-"
+    text = "never" if value == math.inf else one(value)
+    return text if math.isnan(lo) or math.isnan(hi) else f"{text} [{one(lo)}, {one(hi)}]"
+
+
+def _columns(cmp: Comparison) -> list[tuple[str, str]]:
     """(header, key) of the displayed columns."""
     cols = [
         ("run group", "label"),
@@ -255,10 +344,17 @@ def _columns(threshold: float | None) -> list[tuple[str, str]]:
         ("final return", "mean_return"),
         ("final arrival rate (%)", "arrival_rate"),
     ]
-    if threshold is not None:
+    cols += [(f"P({f} better): travel time", f"poi:{f}") for f in cmp.focus]
+    if cmp.level is not None:
+        lv = cmp.level
         cols += [
-            (f"env steps to {threshold:g} s", "steps_to_threshold"),
-            (f"wall time to {threshold:g} s (s)", "wall_to_threshold"),
+            (f"env steps to {lv.label} ({lv.value:g} s)", "steps_to_level_iqm"),
+            (f"reached {lv.value:g} s", "level_reached"),
+        ]
+    if cmp.threshold is not None:
+        cols += [
+            (f"env steps to {cmp.threshold:g} s", "steps_to_threshold"),
+            (f"wall time to {cmp.threshold:g} s (s)", "wall_to_threshold"),
             ("reached", "reached"),
         ]
     cols += [("iterations", "iterations_mean"), ("env steps", "env_steps_mean"), ("wall time (s)", "wall_s_mean")]
@@ -268,7 +364,13 @@ def _columns(threshold: float | None) -> list[tuple[str, str]]:
 def _cell(row: dict[str, Any], key: str) -> str:
     if key in FINAL_METRICS:
         scale, digits = (100.0, 1) if key == "arrival_rate" else (1.0, 1 if key == "mean_travel_time" else 2)
-        return fmt_pm(row.get(f"{key}_mean", math.nan), row.get(f"{key}_std", math.nan), digits, scale)
+        k = f"{key}_iqm"
+        return fmt_ci(row.get(k, math.nan), row.get(f"{k}_lo", math.nan), row.get(f"{k}_hi", math.nan), digits, scale)
+    if key.startswith("poi:"):
+        iv = row.get("poi", {}).get(key[4:], {}).get("mean_travel_time")
+        return fmt_ci(iv.value, iv.lo, iv.hi, 2) if iv else "-"
+    if key == "steps_to_level_iqm":
+        return fmt_ci(row.get(key, math.nan), row.get(f"{key}_lo", math.nan), row.get(f"{key}_hi", math.nan), 0)
     if key in ("steps_to_threshold", "wall_to_threshold"):
         return fmt_pm(row.get(f"{key}_mean", math.nan), row.get(f"{key}_std", math.nan), 0)
     v = row.get(key)
@@ -277,46 +379,88 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return "-" if v is None or v == "" else str(v)
 
 
-def to_markdown(
-    rows: Sequence[dict[str, Any]], threshold: float | None, bad: Sequence[str] = (), window: int = FINAL_WINDOW
-) -> str:
-    cols = _columns(threshold)
+def compare_notes(cmp: Comparison) -> list[str]:
+    """What each number of the table is (the same text under the Markdown table and in the report)."""
+    o, w = cmp.options, cmp.window
+    ci = f"95% percentile-bootstrap CI over seeds ({o.reps} resamples, seed {o.seed})"
+    notes = [
+        f"Final travel time, return, arrival rate: each run's mean over its last {w} iterations, then the IQM "
+        "over the group's seeds (interquartile mean: the mean after dropping floor(n/4) seeds at each end, "
+        f"so the plain mean below 4 seeds) [{ci}; no CI for one seed]. Mean and sample std are in the CSV."
+    ]
+    if cmp.focus:
+        notes.append(
+            "P(X better): probability that a seed of group X beats a seed of the row's group on final travel "
+            "time (lower is better): the share of all (X seed, row seed) pairs where X's is lower, ties counting "
+            f"1/2 [{ci}, both groups resampled]; 0.5 = no difference. The CSV adds return and arrival rate "
+            "(higher is better)."
+        )
+    else:
+        notes.append("No probability of improvement: no group is --focus (default: the reled groups).")
+    lv = cmp.level
+    if lv is not None:
+        notes.append(
+            f"Sample efficiency: env steps at which a run's trailing {w}-iteration mean travel time first is <= "
+            f"{lv.value:g} s, {lv.fraction:g} of the way from {lv.start} ({lv.start_value:g} s) to {lv.target} "
+            f"({lv.target_value:g} s); IQM [{ci}]. A run that never gets there counts as infinitely many steps "
+            "(worst), so it can only make its group look slower: the IQM reads 'never' when a seed it keeps "
+            "never got there (below 4 seeds: any seed), a CI bound '∞' when resamples do. "
+            f"'reached {lv.value:g} s': runs that got there / runs."
+        )
+    if cmp.threshold is not None:
+        notes.append(f"Threshold: trailing {w}-iteration mean travel time <= {cmp.threshold:g} s "
+                     "(mean ± std over the seeds that reached it).")  # fmt: skip
+    return notes + cmp.notes
+
+
+def to_markdown(cmp: Comparison, bad: Sequence[str] = ()) -> str:
+    cols = _columns(cmp)
     lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
-    for r in rows:
+    for r in cmp.rows:
         lines.append("| " + " | ".join(_cell(r, k).replace("|", "\\|") for _, k in cols) + " |")
-    notes = [f"Final values: mean of the last {window} iterations per run, then mean ± std over seeds."]
-    if threshold is not None:
-        notes.append(f"Threshold: trailing {window}-iteration mean travel time <= {threshold:g} s "
-                     "(means over the seeds that reached it).")  # fmt: skip
-    notes += [f"Skipped (unreadable): {b}" for b in bad]
+    notes = compare_notes(cmp) + [f"Skipped (unreadable): {b}" for b in bad]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 CSV_FIELDS = [
     *("label", "algorithm", "reference", "n_seeds", "seeds", "agents"),
-    *(f"{k}_{s}" for k in FINAL_METRICS for s in ("mean", "std")),
+    *(f"{k}_{s}" for k in FINAL_METRICS for s in ("mean", "std", "iqm", "iqm_lo", "iqm_hi")),
+    *("steps_to_level_iqm", "steps_to_level_iqm_lo", "steps_to_level_iqm_hi", "level_reached"),
     *(f"{k}_to_threshold_{s}" for k in ("steps", "wall") for s in ("mean", "std")),
     *("reached", "iterations_mean", "env_steps_mean", "wall_s_mean", "s_per_iteration_mean"),
     *(f"{k}_mean" for k in PROBE_METRICS),
-    "runs",
 ]
 
 
-def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float) and v == math.inf:
+        return "inf"  # never reached: not the same as missing
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def to_csv(cmp: Comparison) -> str:
+    """Raw numbers; the probability of improvement as p_better[FOCUS]_METRIC (+ _lo, _hi) per focus group."""
+    poi_fields = [f"p_better[{f}]_{k}{s}" for f in cmp.focus for k in FINAL_METRICS for s in ("", "_lo", "_hi")]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=[*CSV_FIELDS, *poi_fields, "runs"], extrasaction="ignore",
+                       lineterminator="\n")  # fmt: skip
     w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
-                    for k, v in r.items()})  # fmt: skip
+    for r in cmp.rows:
+        flat = dict(r)
+        for f, by_metric in r.get("poi", {}).items():
+            for k, iv in by_metric.items():
+                flat |= {f"p_better[{f}]_{k}": iv.value, f"p_better[{f}]_{k}_lo": iv.lo, f"p_better[{f}]_{k}_hi": iv.hi}
+        w.writerow({k: _csv_value(v) for k, v in flat.items()})
     return buf.getvalue()
 
 
-def to_html(rows: Sequence[dict[str, Any]], threshold: float | None) -> str:
-    cols = _columns(threshold)
+def to_html(cmp: Comparison) -> str:
+    """The table and its notes."""
+    cols = _columns(cmp)
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in cols)
     body = []
-    for r in rows:
+    for r in cmp.rows:
         cls = ' class="ref"' if r.get("reference") else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for _, k in cols) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in compare_notes(cmp))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table><ul>{notes}</ul>"

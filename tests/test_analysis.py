@@ -131,6 +131,7 @@ def write_dump(
 REFERENCES = {
     "shortest_path": {"mean_travel_time": 400.0, "arrival_rate": 1.0, "mean_return": 0.5},
     "random": {"mean_travel_time": 700.0, "arrival_rate": 0.4, "mean_return": -12.0},
+    "due": {"mean_travel_time": 380.0, "arrival_rate": 1.0, "mean_return": 1.0},
 }
 
 
@@ -275,7 +276,7 @@ def test_compare_markdown_csv_and_threshold(sweep, tmp_path, capsys):
     rc, out, _ = run_cli(capsys, "compare", sweep, "-o", md, "--csv", csv_path)
     assert rc == 0 and md.read_text() == out
     assert "| run group | seeds | final travel time (s) |" in out and "env steps to 400 s" in out
-    assert "| ippo (agents=4) | 3 | 340.0 ± 10.0 |" in out
+    assert "| ippo (agents=4) | 3 | 340.0 [330.0, 350.0] |" in out  # IQM [95% CI]: seeds' finals 330, 340, 350
     assert "| shortest_path (reference) | - | 400.0 |" in out
     rows = {r["label"]: r for r in csv.DictReader(io.StringIO(csv_path.read_text()))}
     ippo = rows["ippo (agents=4)"]
@@ -283,10 +284,61 @@ def test_compare_markdown_csv_and_threshold(sweep, tmp_path, capsys):
     assert float(ippo["steps_to_threshold_mean"]) == pytest.approx(np.mean([10000, 10000, 11000]))
     assert float(ippo["steps_to_threshold_std"]) == pytest.approx(np.std([10000, 10000, 11000], ddof=1))
     assert ippo["reached"] == "3/3" and ippo["n_seeds"] == "3"
+    assert float(ippo["mean_travel_time_mean"]) == 340.0 and float(ippo["mean_travel_time_std"]) == 10.0
     assert float(rows["reled (sed.feedback=False)"]["mean_travel_time_mean"]) == pytest.approx(335.0 - 20.0)
     assert rows["random (reference)"]["reference"] == "True"
     rc, out, _ = run_cli(capsys, "compare", sweep, "--threshold-travel-time", "100")
     assert "env steps to 100 s" in out and "| 0/3 |" in out
+
+
+def test_compare_robust_statistics(sweep, tmp_path, capsys):
+    csv_path = tmp_path / "t.csv"
+    rc, out, _ = run_cli(capsys, "compare", sweep, "--csv", csv_path)
+    assert rc == 0
+    header = out.splitlines()[0]
+    for col in ("P(reled (sed.feedback=False) better): travel time", "P(reled (sed.feedback=True) better): travel time",
+                "env steps to 0.5 of random→due (540 s)", "reached 540 s"):  # fmt: skip
+        assert f"| {col} |" in header, col
+    assert "IQM over the group's seeds" in out and "lower is better" in out and "(700 s) to due (380 s)" in out
+    rows = {r["label"]: r for r in csv.DictReader(io.StringIO(csv_path.read_text()))}
+    ippo, nofb, fb = rows["ippo (agents=4)"], rows["reled (sed.feedback=False)"], rows["reled (sed.feedback=True)"]
+    assert float(ippo["mean_travel_time_iqm"]) == 340.0
+    lo, hi = float(ippo["mean_travel_time_iqm_lo"]), float(ippo["mean_travel_time_iqm_hi"])
+    assert 330.0 <= lo < 340.0 < hi <= 350.0
+    # finals (travel time): ippo 330, 340, 350; reled fb 330, 340; reled without feedback 310, 320
+    p = "p_better[reled (sed.feedback=False)]_mean_travel_time"
+    assert float(ippo[p]) == 1.0 and float(fb[p]) == 1.0 and nofb[p] == ""  # no row against itself
+    assert float(ippo["p_better[reled (sed.feedback=True)]_mean_travel_time"]) == pytest.approx(4 / 6)
+    assert float(nofb["p_better[reled (sed.feedback=True)]_mean_travel_time"]) == 0.0
+    assert float(ippo["p_better[reled (sed.feedback=False)]_arrival_rate"]) == 0.5  # equal arrival rates
+    # trailing 5-iteration mean 660 - 30 i + 10 s (- 20 without feedback) first <= 540 s at i = 4, 5, 5
+    assert float(ippo["steps_to_level_iqm"]) == pytest.approx(np.mean([5000, 6000, 6000]))
+    assert ippo["level_reached"] == "3/3" and float(nofb["steps_to_level_iqm"]) == 5000.0
+    rc, again, _ = run_cli(capsys, "compare", sweep)
+    assert again == out  # the bootstrap is seeded
+
+    rc, out, _ = run_cli(capsys, "compare", sweep, "--focus", "ippo (agents=8)")
+    assert "P(ippo (agents=8) better): travel time" in out and "P(reled" not in out
+    rc, _, err = run_cli(capsys, "compare", sweep, "--focus", "nope")
+    assert rc == 2 and "--focus 'nope': no group has that label or algorithm" in err
+
+
+def test_compare_sample_efficiency_never_reached_and_fallback(sweep, tmp_path, capsys):
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"random": {"mean_travel_time": 700.0}, "due": {"mean_travel_time": 345.0}}))
+    rc, out, _ = run_cli(capsys, "compare", sweep, "--references", refs, "--efficiency-fraction", "1")
+    assert rc == 0 and "env steps to 1 of random→due (345 s)" in out
+    # ippo seeds' last trailing means are 330, 340, 350 s: seed 2 never gets to 345 s, and with 3 seeds
+    # nothing is trimmed, so the group's IQM is "never", not the mean of the two that did
+    assert re.search(r"\| ippo \(agents=4\) \| 3 \| .* \| never \[12,000, ∞\] \| 2/3 \|", out), out
+    assert re.search(r"\| reled \(sed.feedback=False\) \| 2 \| .* \| 11,500 \[11,000, 12,000\] \| 2/2 \|", out)
+    refs.write_text(json.dumps({k: v for k, v in REFERENCES.items() if k != "due"}))
+    rc, out, _ = run_cli(capsys, "compare", sweep, "--references", refs)
+    assert "env steps to 0.5 of random→shortest_path (550 s)" in out
+    assert "no due reference: sample efficiency measured towards shortest_path instead" in out
+    refs.write_text(json.dumps({"shortest_path": REFERENCES["shortest_path"]}))
+    rc, out, _ = run_cli(capsys, "compare", sweep, "--references", refs)
+    assert "env steps to 0.5" not in out and "no random travel time in the references" in out
 
 
 def test_compare_names_a_corrupt_run_and_tabulates_the_rest(sweep, tmp_path, capsys):
@@ -333,6 +385,7 @@ def test_report_is_self_contained(sweep, tmp_path, capsys):
     for section in ("<h2>Comparison</h2>", "<h2>Learning curves</h2>", "<h2>Scaling</h2>", "<h2>SED / HPO</h2>",
                     "<h2>Problems</h2>", "shortest_path (reference)", "ippo (agents=8)"):  # fmt: skip
         assert section in page, section
+    assert "P(reled (sed.feedback=True) better): travel time" in page and "IQM over the group&#x27;s seeds" in page
     assert page.count("data:image/png;base64,") == 2 + 1 + 1  # curves x2, scaling, 1 of the 4 reled runs
     assert "3 more runs with SED data not shown" in page
     # nothing external: no links, scripts or files beside the page
