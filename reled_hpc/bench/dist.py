@@ -28,7 +28,7 @@ PARTS = ("rollout_s", "expert_s", "dtw_s", "comm_s", "update_s", "write_s")
 
 def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: float, algorithm: str,
             learner: str = "auto", dump: str = "auto", traffic: str = "light",
-            commit: str = "background", scenario_period: int = 1) -> dict[str, Any]:  # fmt: skip
+            commit: str = "inline", scenario_period: int = 1) -> dict[str, Any]:  # fmt: skip
     from ..experiment.run_dir import RunDir
     from ..io import TrajectoryReader
 
@@ -90,7 +90,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--commit",
         nargs="+",
-        default=["background"],
+        default=["inline"],
         choices=["background", "inline"],
         help="dist.async_commit on (background) or off (inline); several: each config runs with each",
     )
