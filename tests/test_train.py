@@ -325,3 +325,34 @@ def test_a_commit_failing_in_the_background_fails_the_run(tmp_path, grid, monkey
         train(_write_cfg(tmp_path, d))
     with TrajectoryReader(tmp_path / "runs" / "commit-fails" / "trajectories.h5") as r:
         assert list(r.iterations()) == [0]  # the run stopped at the failed commit: nothing after it
+
+
+def test_held_out_evaluation_is_greedy_on_unseen_scenarios_and_changes_no_training(tmp_path, grid):
+    """eval.every: the greedy policy on held-out scenarios at iterations 0, every, ... and the last one;
+    the run trains exactly as without it; reference policies run on the same held-out scenarios."""
+    from reled_hpc.experiment.references import reference_eval
+    from reled_hpc.experiment.seeds import eval_seed
+
+    dumps = {}
+    for every in (0, 2):
+        d = _cfg_dict(tmp_path, "ippo", 4, name=f"eval-{every}", eval={"every": every, "episodes": 2})
+        run, _ = train(_write_cfg(tmp_path, d))
+        with TrajectoryReader(run / "trajectories.h5") as r:
+            dumps[every] = (r.read("agent", columns=["obs", "action", "logp"]), r.metrics())
+    (a0, m0), (a1, m1) = dumps[0], dumps[2]
+    for c in a0:
+        assert np.array_equal(a0[c], a1[c]), c  # same rollouts, same updates
+    assert np.array_equal(m0["policy_loss"], m1["policy_loss"])
+    assert np.all(np.isnan(m0["eval_time_censored"]))
+    done = np.isfinite(m1["eval_time_censored"])
+    assert list(np.flatnonzero(done)) == [0, 2, 3]  # every 2 iterations, and the last one
+    assert np.all(m1["eval_arrival_rate"][done] >= 0) and np.all(m1["eval_s"][done] > 0)
+    # censored time >= arrived agents' time: a lost agent never makes the policy look faster
+    assert np.all(m1["eval_time_censored"][done] >= m1["eval_travel_time"][done] - 1e-9)
+    cfg = load_config(_write_cfg(tmp_path, _cfg_dict(tmp_path, "ippo", 4, name="x", eval={"every": 2})))
+    held_out = {eval_seed(cfg, 0, k) for k in range(2)}
+    trained = {scenario_seed(cfg, it, k) for it in range(cfg.iterations) for k in range(cfg.episodes_per_iteration)}
+    assert not held_out & trained
+    ref = reference_eval(cfg, "shortest_path")
+    assert set(ref) == {"eval_mean_travel_time", "eval_arrival_rate", "eval_mean_return", "eval_mean_time_censored"}
+    assert 0 < ref["eval_arrival_rate"] <= 1 and ref["eval_mean_time_censored"] > 0

@@ -129,6 +129,20 @@ class ProbeConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation (reled_hpc.experiment.evaluation): the greedy policy on unseen scenarios."""
+
+    every: int = 0
+    """Evaluate every this many iterations and at the last one (0: never)."""
+    episodes: int = 2
+    """Held-out scenarios per rank (>= 1): the same ones at every evaluation and for every algorithm."""
+
+    def validate(self, where: str = "eval") -> None:
+        require(self.every >= 0, f"{where}.every", f"must be >= 0, got {self.every}")
+        require(self.episodes >= 1, f"{where}.episodes", f"must be >= 1, got {self.episodes}")
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     """Run name: the run folder is runs_dir/name (no '/')."""
@@ -166,6 +180,8 @@ class TrainConfig:
     """Where SED's LLM runs and how it is asked (hpo.expert: llm)."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     """The interaction probe: the other agents' return change and route churn, measured during training."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation of the greedy policy on scenarios training never sees."""
     slurm: dict[str, Any] = field(default_factory=dict)
     """SLURM resources of `reled-hpc submit` (keys: reled_hpc.launch.spec.SlurmSpec's fields); training ignores it."""
 

@@ -15,6 +15,7 @@ import numpy as np
 from ..finite import finite_max
 from ..io.schema import METRIC_INFO, ROW_COLUMNS, TRAINER_COLUMNS, MetricInfo
 from ..learn.rollout import Batch
+from .evaluation import EVAL_METRICS
 from .probe import PROBE_METRICS
 
 EXTRA_METRICS = (
@@ -22,7 +23,7 @@ EXTRA_METRICS = (
     "expert_travel_time", "expert_arrival_rate", "failed_rate", "update_s", "rollout_s", "expert_s",
     "mean_time_censored", "td_loss", "epsilon", "dtw_s", "comm_s", "comm_bytes", "write_s", "ranks", "rss_mb_max",
     "external_change_max", "sed_cycle", "llm_cache_hits", "probe_s", "rss_mb_rank0", "root_gather_bytes",
-    *PROBE_METRICS,
+    *PROBE_METRICS, "eval_s", *EVAL_METRICS,
 )  # fmt: skip
 
 # units and description of every EXTRA_METRICS column (the writer stores them as dataset attributes;
@@ -67,6 +68,13 @@ EXTRA_METRIC_INFO: dict[str, MetricInfo] = {
     ),
     "probe_external_tt_change": MetricInfo("1", "probe: the same change as a share of their mean travel time"),
     "route_churn": MetricInfo("1", "probe: share of agents whose greedy route changed since the previous probe"),
+    "eval_s": MetricInfo("s", "wall time of the held-out evaluation episodes (the slowest rank)"),
+    "eval_time_censored": MetricInfo(
+        "s", "held-out evaluation, greedy policy: mean time per agent, unfinished agents counted to the episode's end"
+    ),
+    "eval_travel_time": MetricInfo("s", "held-out evaluation, greedy policy: mean travel time of the arrived agents"),
+    "eval_arrival_rate": MetricInfo("1", "held-out evaluation, greedy policy: share of agents that arrived"),
+    "eval_return": MetricInfo("1", "held-out evaluation, greedy policy: mean return per agent"),
 }
 # every metrics/ column of a training run's dump
 ALL_METRIC_INFO: dict[str, MetricInfo] = {**METRIC_INFO, **EXTRA_METRIC_INFO}
@@ -78,12 +86,15 @@ SED_KEYS = ("execution_rate", "rvi_max", "pdi_max", "llm_latency_s", "external_c
 # a rank's metrics vector, in this order (gathered as one float64 row per rank)
 RANK_METRICS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_travel_time", "mean_time_censored",
                 "failed_rate", "expert_travel_time", "expert_arrival_rate", "env_steps", "decisions", "rollout_s",
-                "expert_s", "dtw_s", "rss_mb", "probe_s", *SED_KEYS, *PROBE_METRICS)  # fmt: skip
+                "expert_s", "dtw_s", "rss_mb", "probe_s", "eval_s", *SED_KEYS, *PROBE_METRICS,
+                *EVAL_METRICS)  # fmt: skip
 
 # episode metrics (env.metrics()) averaged over a rank's episodes, then over ranks
 EPISODE_MEANS = ("mean_return", "mean_travel_time", "arrival_rate", "bg_mean_travel_time", "mean_time_censored")
 LEARNER_STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "bc_nll", "td_loss", "epsilon")
-TIMING_MAX = ("rollout_s", "expert_s", "dtw_s", "probe_s")  # the slowest rank: the others wait for it at the gather
+RANK_MEANS = ("expert_travel_time", "expert_arrival_rate", "failed_rate")  # means over ranks
+# the slowest rank: the others wait for it
+TIMING_MAX = ("rollout_s", "expert_s", "dtw_s", "probe_s", "eval_s")
 
 # agent/ and expert/ row columns that come from a rollout batch (dump_rows adds iteration and rank)
 DUMP_COLUMNS = tuple(c.name for c in ROW_COLUMNS if c.name not in TRAINER_COLUMNS)
@@ -138,8 +149,8 @@ def sed_stats(estats: list[dict[str, Any]], fresh: list[bool] | None = None) -> 
 def rank_metrics(episodes: list[dict[str, Any]], expert_stats: list[dict[str, Any]], fresh: list[bool],
                  timings: Mapping[str, float]) -> np.ndarray:  # fmt: skip
     """A rank's RANK_METRICS vector from its episodes' env.metrics(), its expert episodes' stats and
-    `timings` (env_steps, decisions, rollout_s, expert_s, dtw_s, probe_s, rss_mb, and the probe's
-    metrics: NaN in an iteration without a probe)."""
+    `timings` (env_steps, decisions, rollout_s, expert_s, dtw_s, probe_s, eval_s, rss_mb, and the probe's
+    and the held-out evaluation's metrics: NaN in an iteration without them)."""
     vec: dict[str, float] = {}
     for k in EPISODE_MEANS:
         vals = [m[k] for m in episodes if not np.isnan(m[k])]
@@ -197,7 +208,7 @@ def iteration_row(iteration: int, env_steps: int, sums: np.ndarray, maxes: np.nd
         "sed_cycle": top["sed_cycle"],  # 1: a SED cycle ran this iteration, 0: demonstrations reused
         "llm_cache_hits": float(total["llm_cache_hits"]) if count["llm_cache_hits"] else float("nan"),
         "decisions": float(total["decisions"]),
-        **{m: mean(m) for m in ("expert_travel_time", "expert_arrival_rate", "failed_rate", *PROBE_METRICS)},
+        **{m: mean(m) for m in (*RANK_MEANS, *PROBE_METRICS, *EVAL_METRICS)},
         **{m: top[m] for m in TIMING_MAX},
         **timings,
         "rss_mb_max": top["rss_mb"],

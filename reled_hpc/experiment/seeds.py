@@ -17,6 +17,11 @@ def scenario_seed(cfg: Any, iteration: int, k: int, rank: int = 0) -> int:
     return derive_seed("scenario", cfg.seed, iteration // cfg.hpo.scenario_period, rank, k)
 
 
+def eval_seed(cfg: Any, rank: int, k: int) -> int:
+    """A rank's held-out evaluation scenario k: its own seed stream, never a training scenario's."""
+    return derive_seed("eval-scenario", cfg.seed, rank, k)
+
+
 def actor_seed(cfg: Any, iteration: int, rank: int) -> int:
     """Seed of a rank's action sampling: with scenario_seed, every rollout is a pure function of
     (weights, config, iteration, rank), however many ranks run."""

@@ -38,10 +38,11 @@ from ..learn.rollout import Batch, collect_episode, concat
 from ..sim.env import NavigationEnv
 from .algorithms import get_algorithm
 from .config import TrainConfig, agent_counts, config_yaml, load_config
+from .evaluation import EVAL_METRICS, evaluate, evaluation_due
 from .metrics import EXTRA_METRICS, dump_rows, iteration_row, program_rows, rank_env_steps, rank_metrics, rank_partials
 from .probe import PROBE_METRICS, InteractionProbe
 from .run_dir import RunDir, checkpoint_file, checkpoint_files
-from .seeds import actor_seed, derive_seed, episode_index, expert_seed, scenario_seed
+from .seeds import actor_seed, derive_seed, episode_index, eval_seed, expert_seed, scenario_seed
 
 log = logging.getLogger("reled_hpc.train")
 
@@ -456,6 +457,11 @@ class Trainer:
             # the probe's episodes are not dumped and use no sampling RNG: training is unchanged
             probe = self.probe.run(self.env, self.learner.actor(greedy=True), self._gamma(), episode=-1)
         t4 = time.perf_counter()
+        held_out = dict.fromkeys(EVAL_METRICS, float("nan"))
+        if evaluation_due(cfg.eval.every, it, cfg.iterations):
+            seeds = [eval_seed(cfg, self.rank, k) for k in range(cfg.eval.episodes)]
+            held_out = evaluate(self.env, self.learner.actor(greedy=True), seeds)
+        t5 = time.perf_counter()
         for b in (agent, expert):
             if b is not None:
                 b["agent_id"] = (b["agent_id"] + self.agent_offset).astype(np.int32)
@@ -467,8 +473,10 @@ class Trainer:
             "expert_s": t3 - t1 - dtw_s,
             "dtw_s": dtw_s,
             "probe_s": t4 - t3,
+            "eval_s": t5 - t4,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             **probe,
+            **held_out,
         }
         vec = rank_metrics(mets, estats, fresh, timings)
         for st, new in zip(estats, fresh, strict=True):

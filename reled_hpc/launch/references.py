@@ -29,13 +29,13 @@ def _scenario_key(cfg: Any, ranks: int) -> str:
     env = {k: v for k, v in vars(cfg.env).items()}
     return json.dumps(
         [cfg.seed, env, cfg.dist.total_agents, cfg.iterations, cfg.episodes_per_iteration,
-         cfg.hpo.scenario_period, ranks], sort_keys=True, default=str,
+         cfg.hpo.scenario_period, ranks, cfg.eval.every > 0, cfg.eval.episodes], sort_keys=True, default=str,
     )  # fmt: skip
 
 
 def sweep_references(sweep_dir: Path | str, policies: tuple[str, ...] = POLICIES, last: int = 5) -> dict[str, Any]:
     from ..experiment.config import load_config
-    from ..experiment.references import reference_travel_time
+    from ..experiment.references import reference_eval, reference_travel_time
 
     sweep_dir = Path(sweep_dir)
     rec_path = sweep_dir / SWEEP_FILE
@@ -52,8 +52,12 @@ def sweep_references(sweep_dir: Path | str, policies: tuple[str, ...] = POLICIES
     out: dict[str, Any] = {"_meta": {"last_iterations": last, "scenario_groups": len(groups), "ranks": ranks}}
     t0 = time.perf_counter()
     for p in policies:
-        per = [reference_travel_time(cfg, p, last=last, ranks=ranks) for cfg in groups.values()]
-        out[p] = {k: finite_mean([m[k] for m in per]) for k in per[0]}  # NaN: e.g. no random agent arrived
+        # runs with a held-out evaluation also get the policy's figures on those scenarios (eval_*)
+        per = [{**reference_travel_time(cfg, p, last=last, ranks=ranks),
+                **(reference_eval(cfg, p, ranks=ranks) if cfg.eval.every else {})}
+               for cfg in groups.values()]  # fmt: skip
+        keys = sorted({k for m in per for k in m})
+        out[p] = {k: finite_mean([m.get(k, float("nan")) for m in per]) for k in keys}  # NaN: e.g. nobody arrived
         log.info("%s: %s (%d scenario groups, %.0f s so far)", p, out[p], len(groups), time.perf_counter() - t0)
     (sweep_dir / REFERENCES_FILE).write_text(json.dumps(out, indent=1))
     return out
