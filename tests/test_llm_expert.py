@@ -387,6 +387,7 @@ def test_bench_llm_json_has_every_key(tmp_path):
     assert 0.0 <= out["prefix_cache_hit_share"] <= 1.0
     assert out["revisions"] == 2 and out["revisions_changed_routes_share"] == 0.0  # failed answers change nothing
     assert out["vllm_concurrency_ratio"] is None and out["cycles_improved_share"] is None
+    assert out["vllm_concurrency_ratio_primed"] is None and out["vllm"] is None
     json.dumps(out)
 
 
@@ -498,3 +499,45 @@ def test_json_mode_cycle_on_the_real_embedded_server(tmp_path, grid, monkeypatch
             assert executed or re.match(r'\s*\{\s*"calls"\s*:\s*\[', text), text[:80]
         assert all(n > 0 for n in p["completion_tokens"])
         assert r.n_rows("expert") > 0
+
+
+def test_shared_prefix_is_what_every_conversation_starts_with():
+    from reled_hpc.llm.client import shared_prefix
+
+    sys_msg = {"role": "system", "content": "S" * 600}
+    a = [sys_msg, {"role": "user", "content": "MAP " + "m" * 600 + " subset 1 ..."}]
+    b = [sys_msg, {"role": "user", "content": "MAP " + "m" * 600 + " subset 2 ..."}]
+    assert shared_prefix([a, b]) == [sys_msg, {"role": "user", "content": "MAP " + "m" * 600 + " subset "}]
+    assert shared_prefix([a, b], min_chars=5000) is None  # too short to be worth a request
+    assert shared_prefix([a]) is None  # one request has nothing to share
+    other = [{"role": "system", "content": "T" * 600}, a[1]]
+    assert shared_prefix([a, other], min_chars=1) is None  # nothing in common
+
+
+@pytest.mark.parametrize(("mode", "structured", "primed"),
+                         [("auto", "vllm", True), ("auto", "llama_cpp", False), ("on", "llama_cpp", True),
+                          ("off", "vllm", False)])  # fmt: skip
+def test_a_batching_server_gets_the_rounds_shared_prefix_first(env, mode, structured, primed):
+    """sed.prime_prefix: before a round's requests go out together, one 1-token request of their common
+    prefix (the v2 prompts' system, API and map block), so a batching server computes it once."""
+    srv = FakeOpenAI(SHORTEST)
+    try:
+        client = LLMClient(srv.url, "fake", structured=structured, max_retries=0)
+        sed = SEDConfig(m=2, r_max_rounds=1, prime_prefix=mode)
+        _, stats = LLMExpert(client, sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
+    finally:
+        srv.close()
+    plans = [b for b in srv.bodies if b["max_tokens"] == sed.max_tokens]
+    primers = [b for b in srv.bodies if b["max_tokens"] == 1]
+    assert len(plans) == 2 and len(primers) == int(primed)
+    assert (stats["llm_prime_s"] > 0) == primed
+    if primed:
+        prefix = primers[0]["messages"]
+        assert srv.bodies[0] is primers[0]  # sent before the requests
+        for b in plans:
+            sent = b["messages"]
+            assert sent[: len(prefix) - 1] == prefix[:-1]
+            assert sent[len(prefix) - 1]["content"].startswith(prefix[-1]["content"])
+        # the whole shared part: task, API, rules, output format and the cycle's map block, up to the subset
+        user = prefix[-1]["content"]
+        assert "### API" in user and "### MAP" in user and len(user.partition("### SUBSET")[2]) < 20

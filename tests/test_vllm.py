@@ -216,4 +216,8 @@ def test_measure_concurrency_on_plan_requests(vllm):
     assert out["cycle_prompt_tokens"] > out["single_prompt_tokens"] > 500  # SED-sized prompts
     with pytest.raises(ValueError, match="max_concurrency"):
         measure_concurrency(read_endpoint_file(vllm["run_dir"]).client(max_concurrency=1), reqs)
-    print(f"m=2, 16 tokens each: {out}")
+    # SED's priming request (sed.prime_prefix) first: counted in the cycle's time
+    primed = measure_concurrency(client, reqs, warmup=False, prime=True)
+    assert primed["primed"] and 0 < primed["prime_s"] < primed["cycle_s"]
+    assert primed["cycle_completion_tokens"] == 32
+    print(f"m=2, 16 tokens each: {out}\nprimed: {primed}")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..llm.client import Completion, LLMClient, Request
+from ..llm.client import Completion, LLMClient, Request, shared_prefix
 
 
 def _tokens_per_s(done: Sequence[Completion], wall_s: float) -> float:
@@ -33,7 +33,7 @@ def _salted(r: Request, salt: str | None) -> Request:
 
 
 def measure_concurrency(
-    client: LLMClient, requests: Sequence[Request], *, warmup: bool = True, cold: bool = True
+    client: LLMClient, requests: Sequence[Request], *, warmup: bool = True, cold: bool = True, prime: bool = False
 ) -> dict[str, Any]:
     """Latency of `requests[0]` alone, then wall time of all `requests` in flight at once (a SED cycle's
     round); `vllm_concurrency_ratio` = cycle_s / single_s (1.0: perfect batching; m: served one by one).
@@ -43,7 +43,9 @@ def measure_concurrency(
     measurement pays the server's first-request costs. `cold` (vLLM's `cache_salt`, one fresh salt for
     the single request and one for the whole cycle): neither finds the other's prompt, nor an earlier
     run's, in vLLM's prefix cache, while the cycle's requests still share their common prefix among
-    themselves, as a real cycle's subsets do. `cold=False` for servers without `cache_salt`."""
+    themselves, as a real cycle's subsets do. `cold=False` for servers without `cache_salt`. `prime`: the
+    cycle starts with SED's priming request (sed.prime_prefix: the requests' shared prefix, 1 token), and
+    cycle_s includes it."""
     reqs = list(requests)
     if not reqs:
         raise ValueError("measure_concurrency needs at least one request")
@@ -60,6 +62,10 @@ def measure_concurrency(
                              json_schema=r0.json_schema, extra=r0.extra)  # fmt: skip
     single_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    primer = shared_prefix([r.messages for r in reqs]) if prime else None
+    if primer is not None:
+        client.complete(primer, max_tokens=1, extra=_salted(Request(primer), salt_cycle).extra)
+    prime_s = time.perf_counter() - t0
     cycle: list[Completion] = client.complete_many([_salted(r, salt_cycle) for r in reqs])
     cycle_s = time.perf_counter() - t0
     lat = [c.latency_s for c in cycle]
@@ -67,6 +73,8 @@ def measure_concurrency(
         "vllm_concurrency_ratio": round(cycle_s / single_s, 3),
         "m": len(reqs),
         "cold": cold,
+        "primed": primer is not None,
+        "prime_s": round(prime_s, 3),
         "single_s": round(single_s, 3),
         "cycle_s": round(cycle_s, 3),
         "cycle_latency_mean_s": round(statistics.fmean(lat), 3),
@@ -89,14 +97,22 @@ def measure_concurrency(
 
 
 def plan_requests(
-    m: int, *, max_tokens: int = 256, agents: int = 8, map_name: str = "grid", seed: int = 0, fixed_length: bool = True
+    m: int,
+    *,
+    max_tokens: int = 256,
+    agents: int = 8,
+    map_name: str = "grid",
+    seed: int = 0,
+    fixed_length: bool = True,
+    template_version: str = "v2",
 ) -> list[Request]:
-    """SED's round-1 requests of one cycle: the code-mode plan prompts of `m` subsets of `agents` agents.
+    """SED's round-1 requests of one cycle: the code-mode plan prompts of `m` subsets of `agents` agents,
+    in SED's default layout (v2: the shared part, map block included, first).
     `fixed_length`: vLLM's `ignore_eos`, so every answer is max_tokens long and the single request and
     the cycle generate alike (otherwise one subset's early stop skews the ratio)."""
     from ..expert.llm_expert import agent_rows
     from ..expert.partition import partition_for_cycle
-    from ..expert.prompts import build_plan_messages, summarise_subset
+    from ..expert.prompts import SUMMARY_LIMITS, build_plan_messages, summarise_map, summarise_subset
     from ..sim.env import EnvConfig, NavigationEnv
 
     cfg = EnvConfig(map=map_name, n_agents=agents, traffic="light", horizon_s=600.0, seed=seed)
@@ -105,11 +121,13 @@ def plan_requests(
         graph = env.graph
         rows = agent_rows(env)
         subsets = partition_for_cycle(list(rows), m, 0, seed)
+        shared = summarise_map(graph, {}, map_name=env.map.name, n_subsets=len(subsets), n_total=len(rows))
         msgs = []
         for k, sub in enumerate(subsets):
             summary = summarise_subset(graph, [rows[a] for a in sub], {}, map_name=env.map.name, subset=k + 1,
-                                       n_subsets=len(subsets), n_total=len(rows))  # fmt: skip
-            msgs.append(build_plan_messages(summary, "code"))
+                                       n_subsets=len(subsets), n_total=len(rows),
+                                       **SUMMARY_LIMITS.get(template_version, {}))  # fmt: skip
+            msgs.append(build_plan_messages(summary, "code", template_version, shared))
     extra = {"ignore_eos": True} if fixed_length else None
     return [Request(mm, 0.0, max_tokens, extra=extra) for mm in msgs]
 
@@ -129,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.m or [2, 4]:
         client = ep.client(max_concurrency=m, timeout_s=600, max_retries=0)
         reqs = plan_requests(m, max_tokens=args.max_tokens, agents=max(args.agents, m))
-        out.append({"backend": ep.backend, "model": ep.model, **measure_concurrency(client, reqs)})
-        print(json.dumps(out[-1]), flush=True)
+        # unprimed and primed in turn, each cold: the same load for both
+        for prime in (False, True):
+            out.append({"backend": ep.backend, "model": ep.model,
+                        **measure_concurrency(client, reqs, warmup=not out, prime=prime)})  # fmt: skip
+            print(json.dumps(out[-1]), flush=True)
     return 0
 
 

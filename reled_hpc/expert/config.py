@@ -49,6 +49,8 @@ class SEDConfig:
     """Sampling temperature of revisions (round >= 2, >= 0): at 0 a small model repeats its round-1 answer."""
     revision_candidates: int = 1
     """Answers sampled per revision and subset (>= 1); each is driven and scored, the best is kept."""
+    prime_prefix: Literal["auto", "on", "off"] = "auto"
+    """Send a round's shared prompt prefix once (1 token) before its requests; auto: on for a batching server (vLLM)."""
     template_version: str = "v2"
     """Prompt template set: reled_hpc/expert/prompt_templates/<version>/ (v2: shared prefix first)."""
     measure_external: bool = True
@@ -57,6 +59,8 @@ class SEDConfig:
     def validate(self, where: str = "sed") -> None:
         require(isinstance(self.m, int) and self.m >= 1, f"{where}.m", f"must be an integer >= 1, got {self.m!r}")
         require(self.mode in ("code", "json"), f"{where}.mode", f"must be 'code' or 'json', got {self.mode!r}")
+        require(self.prime_prefix in ("auto", "on", "off"), f"{where}.prime_prefix",
+                f"must be auto, on or off, got {self.prime_prefix!r}")  # fmt: skip
         require(self.tau_R >= 0, f"{where}.tau_R", f"must be >= 0, got {self.tau_R}")
         require(self.tau_P >= 0, f"{where}.tau_P", f"must be >= 0, got {self.tau_P}")
         require(self.r_max_rounds >= 1, f"{where}.r_max_rounds", f"must be >= 1, got {self.r_max_rounds}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 from ..finite import finite_max
 from ..learn.rollout import Actor, Batch, collect_episode
 from ..llm import LLMError, LLMUnavailable
-from ..llm.client import DEFAULT_MAX_ANSWER_BYTES, Completion, LLMClient, Request
+from ..llm.client import DEFAULT_MAX_ANSWER_BYTES, Completion, LLMClient, Request, shared_prefix
 from ..sim.env import NavigationEnv
 from ..sim.policies import RouteActor
 from ..text import safe_text
@@ -120,6 +121,7 @@ class LLMExpert:
         self.name = f"llm:{client.model}"
         self._graph: Any = None  # the current cycle's road graph, for the feedback's route comparisons
         self._schema = load_plan_schema(self.cfg.template_version) if self.cfg.mode == "json" else None
+        self.prime_s = 0.0  # wall time of the current cycle's prefix-priming requests
 
     def set_policy(self, fn: PolicyLogProbs | None) -> None:
         self.policy_log_probs = fn
@@ -127,6 +129,7 @@ class LLMExpert:
     # ---- the cycle ---------------------------------------------------------------------------------
     def demonstrate(self, env: NavigationEnv, seed: int, episode: int) -> tuple[Batch, dict[str, Any]]:
         cfg = self.cfg
+        self.prime_s = 0.0
         env.reset(seed=seed)
         graph = env.graph
         agents = agent_rows(env)
@@ -240,6 +243,7 @@ class LLMExpert:
             "pdi_max_round1": finite_max([p.pdi for p in round1]),
             "measured_external_change": self._external_change(env, seed, episode, subsets, best),
             "llm_latency_s": float(sum(latencies)),  # summed over this cycle's requests
+            "llm_prime_s": self.prime_s,  # the cycle's prefix-priming requests (sed.prime_prefix)
             "llm_latency_mean_s": float(np.mean(latencies)) if latencies else math.nan,
             "prompt_tokens": tokens[0],
             "completion_tokens": tokens[1],
@@ -294,10 +298,29 @@ class LLMExpert:
                 k, c = keys[i // n_cand], i % n_cand
                 extra["seed"] = (self.seed * 1_000_003 + cycle * 10_007 + k * 101 + rnd * 7 + c) % (2**31)
             reqs.append(Request(m, temp, cfg.max_tokens, self._schema, extra or None))
+        self._prime([r.messages for r in reqs])
         out = self.client.complete_many(reqs, return_exceptions=True)
         if out and all(isinstance(o, LLMUnavailable) for o in out):
             raise out[0]
         return out
+
+    def _prime(self, conversations: list[list[dict[str, str]]]) -> None:
+        """sed.prime_prefix: one 1-token request of the round's shared prompt prefix before the requests,
+        so that a batching server computes it once and every request in flight finds it in its prefix
+        cache (sent together, each would compute it). llama.cpp's server answers one by one and starts
+        each request from its cached longest prefix anyway: 'auto' primes batching servers only."""
+        mode = self.cfg.prime_prefix
+        if mode == "off" or (mode == "auto" and not getattr(self.client, "batches", False)):
+            return
+        primer = shared_prefix(conversations)
+        if primer is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.client.complete(primer, temperature=0.0, max_tokens=1)
+        except LLMError as exc:  # the requests themselves then say whether the server answers
+            log.warning("priming the shared prompt prefix failed (%s); sending the requests unprimed", exc)
+        self.prime_s += time.perf_counter() - t0
 
     def _run(self, rnd: int, messages: list[dict[str, str]], ans: Any, snap: dict) -> _Plan:
         cfg = self.cfg

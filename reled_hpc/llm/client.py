@@ -67,6 +67,29 @@ class Request:
     extra: dict[str, Any] | None = None  # further body fields: stop, seed, top_p, ...
 
 
+def shared_prefix(conversations: Sequence[Messages], min_chars: int = 1000) -> Messages | None:
+    """The longest prefix every conversation starts with, as messages (the last one cut where the contents
+    part): what a batching server can compute once and share through its prefix cache. None when there
+    are fewer than two conversations or the prefix is shorter than `min_chars` characters of content."""
+    if len(conversations) < 2:
+        return None
+    out: Messages = []
+    for msgs in zip(*conversations, strict=False):
+        first = msgs[0]
+        if all(m == first for m in msgs[1:]):
+            out.append(dict(first))
+            continue
+        if all(m.get("role") == first.get("role") for m in msgs[1:]):
+            texts = [str(m.get("content", "")) for m in msgs]
+            lo, hi = min(texts), max(texts)  # the common prefix of all is that of the sorted extremes
+            n = next((i for i, (a, b) in enumerate(zip(lo, hi, strict=False)) if a != b), min(len(lo), len(hi)))
+            text = lo[:n]
+            if text:
+                out.append({"role": first["role"], "content": text})
+        break
+    return out if sum(len(str(m.get("content", ""))) for m in out) >= min_chars else None
+
+
 @dataclass
 class Completion:
     text: str
@@ -151,6 +174,11 @@ class LLMClient:
 
     def __repr__(self) -> str:
         return f"LLMClient({self.endpoint!r}, model={self.model!r}, structured={self.adapter.name!r})"
+
+    @property
+    def batches(self) -> bool:
+        """The server computes concurrent requests together (vLLM); llama.cpp's serves them one by one."""
+        return self.adapter.name == "vllm"
 
     # ---- public API ----------------------------------------------------------------------------
     def complete(

@@ -191,6 +191,10 @@ class DeferredClient:
     def complete(self, *args: Any, **kwargs: Any) -> Any:
         return self._resolve().complete(*args, **kwargs)
 
+    @property
+    def batches(self) -> bool:
+        return bool(self._client is not None and self._client.batches)
+
     def stats(self) -> dict[str, Any]:
         return self._client.stats() if self._client is not None else {}
 
