@@ -49,8 +49,8 @@ class SEDConfig:
     """Sampling temperature of revisions (round >= 2, >= 0): at 0 a small model repeats its round-1 answer."""
     revision_candidates: int = 1
     """Answers sampled per revision and subset (>= 1); each is driven and scored, the best is kept."""
-    prime_prefix: Literal["auto", "on", "off"] = "auto"
-    """Send a round's shared prompt prefix once (1 token) before its requests; auto: on for a batching server (vLLM)."""
+    prime_prefix: Literal["auto", "on", "off"] = "off"
+    """Send a round's shared prompt prefix first (1 token); auto: for vLLM. Off: measured no gain (docs/llm.md)."""
     template_version: str = "v2"
     """Prompt template set: reled_hpc/expert/prompt_templates/<version>/ (v2: shared prefix first)."""
     measure_external: bool = True

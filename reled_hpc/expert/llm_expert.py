@@ -307,8 +307,9 @@ class LLMExpert:
     def _prime(self, conversations: list[list[dict[str, str]]]) -> None:
         """sed.prime_prefix: one 1-token request of the round's shared prompt prefix before the requests,
         so that a batching server computes it once and every request in flight finds it in its prefix
-        cache (sent together, each would compute it). llama.cpp's server answers one by one and starts
-        each request from its cached longest prefix anyway: 'auto' primes batching servers only."""
+        cache (sent together, each might compute it). llama.cpp's server answers one by one and starts
+        each request from its cached longest prefix anyway: 'auto' primes batching servers only. Off by
+        default: on vLLM's CPU build the requests in flight already share the prefix (docs/llm.md)."""
         mode = self.cfg.prime_prefix
         if mode == "off" or (mode == "auto" and not getattr(self.client, "batches", False)):
             return
