@@ -11,9 +11,11 @@ from . import dist as dist_bench
 from . import env as env_bench
 from . import learner as learner_bench
 from . import llm as llm_bench
+from . import scale as scale_bench
 from . import scenario as scenario_bench
 
 BENCHES = {"env": env_bench, "learner": learner_bench, "dist": dist_bench, "llm": llm_bench, "scenario": scenario_bench}
+BENCHES["scale"] = scale_bench
 
 
 def _strict(obj):
