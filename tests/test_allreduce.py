@@ -36,6 +36,8 @@ SCRIPT = textwrap.dedent(
     from reled_hpc.learn.rollout import concat
 
     mode, out_path, broken = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""
+    per_rank = mode.endswith("-per-rank")  # ppo.minibatch_per_rank: minibatch x R rows per step
+    mode = mode.removesuffix("-per-rank")
     if broken == "local-normalisation":  # what the test must catch: per-rank advantage statistics
         ppo.global_normalise = lambda x, comm: (x - x.mean()) / (x.std() + 1e-8)
     if broken == "local-mean":  # per-rank loss means (each rank's mean, summed: weights rows wrongly)
@@ -67,7 +69,7 @@ SCRIPT = textwrap.dedent(
                 "value": rng.normal(size=n).astype(np.float32), "step": step,
                 "episode": np.full(n, 7 + rank, np.int32), "terminal": terminal}
 
-    cfg = PPOConfig(lr=3e-3, epochs=3, minibatch=64, hidden=16)
+    cfg = PPOConfig(lr=3e-3, epochs=3, minibatch=64, hidden=16, minibatch_per_rank=per_rank)
     central = mode == "mappo"
     hybrid = mode == "reled"
     alpha = np.linspace(0.1, 0.9, sum(AGENTS)).astype(np.float32)
@@ -81,7 +83,7 @@ SCRIPT = textwrap.dedent(
         b_all, _ = comm.gather_columns(b)
         e_all = comm.gather_columns(e)[0] if hybrid else None
         if comm.rank == 0:
-            r = ref.update(b_all, e_all, alpha if hybrid else None, sum(AGENTS))
+            r = ref.update(b_all, e_all, alpha if hybrid else None, sum(AGENTS), ranks=comm.size)
             stats.append({k: (s[k], r[k]) for k in s})
     w = dp.flat_weights()
     moments = [v for st in dp.opt.state_dict()["state"].values() for v in (st["exp_avg"], st["exp_avg_sq"])]
@@ -117,7 +119,7 @@ def _run(tmp_path: Path, mode: str, broken: str = "") -> dict:
 TOL = 1e-5  # float32 summation order only; a real mistake moves weights by ~lr (3e-3) per step
 
 
-@pytest.mark.parametrize("mode", ["ippo", "mappo", "reled"])
+@pytest.mark.parametrize("mode", ["ippo", "mappo", "reled", "reled-per-rank"])
 def test_allreduce_update_equals_central_update(tmp_path, mode):
     r = _run(tmp_path, mode)
     assert r["max_weight_change"] > 1e-2  # the updates did move the weights
@@ -127,7 +129,7 @@ def test_allreduce_update_equals_central_update(tmp_path, mode):
     assert r["sees_drift"]
     for update in r["stats"]:
         for name, (dp, central) in update.items():
-            if name == "bc_nll" and mode != "reled":
+            if name == "bc_nll" and not mode.startswith("reled"):
                 assert np.isnan(dp) and np.isnan(central)
             else:
                 assert dp == pytest.approx(central, rel=1e-4, abs=1e-5), (name, update)
@@ -258,3 +260,30 @@ def test_metrics_reduce_to_the_means_and_maxima_over_ranks():
     assert rank_env_steps(sums) == int(vecs[:, ix["env_steps"]].sum())
     no_expert = iteration_row(4, 123, sums, maxes, False, {}, {})
     assert np.isnan(no_expert["alpha_mean"])
+
+
+def test_minibatch_per_rank_takes_minibatch_times_ranks_rows_per_step():
+    """ppo.minibatch_per_rank on R ranks steps as an update with minibatch x R does (and differs from one
+    with the plain minibatch): the steps per epoch stay one rank's as ranks are added."""
+    from reled_hpc.learn.nets import N_CAND, N_SELF
+
+    rng = np.random.default_rng(0)
+    n, a = 300, 4
+    mask = rng.random((n, a)) < 0.7
+    mask[:, 0] = True
+    batch = {"obs": rng.normal(size=(n, N_SELF + a * N_CAND)).astype(np.float32), "action_mask": mask,
+             "action": np.array([rng.choice(np.flatnonzero(m)) for m in mask], np.int32),
+             "logp": np.full(n, -1.0, np.float32), "gstate": np.zeros((n, 5), np.float32),
+             "agent_id": (np.arange(n) % 10).astype(np.int32), "reward": rng.normal(size=n).astype(np.float32),
+             "value": np.zeros(n, np.float32), "step": (np.arange(n) // 10).astype(np.int32),
+             "episode": np.zeros(n, np.int32), "terminal": np.arange(n) >= n - 10}  # fmt: skip
+
+    def weights(minibatch: int, per_rank: bool, ranks: int) -> np.ndarray:
+        learner = PPOLearner(a, 5, PPOConfig(lr=3e-3, epochs=2, minibatch=minibatch, hidden=16,
+                                             minibatch_per_rank=per_rank), seed=1)  # fmt: skip
+        learner.update(batch, ranks=ranks)
+        return learner.flat_weights()
+
+    per_rank = weights(32, True, 4)
+    assert np.array_equal(per_rank, weights(128, False, 1))
+    assert not np.allclose(per_rank, weights(32, False, 4))

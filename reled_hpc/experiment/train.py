@@ -98,6 +98,9 @@ class Trainer:
         # one rank has nothing to reduce: the central path (bitwise the same update)
         self.allreduce = cfg.dist.learner_mode(cfg.algorithm, self.size) == "allreduce" and self.size > 1
         self.sharded = cfg.dist.dump_mode(self.size) == "sharded"
+        # a central PPO update on R ranks' rows sizes its minibatches like the data-parallel one
+        # (ppo.minibatch_per_rank); QMIX's update takes no rank count
+        self._ranks_kw = {"ranks": self.size} if self.algorithm.section == "ppo" else {}
         self.master: MasterWriter | None = None
         self._committer = ThreadPoolExecutor(1, "commit") if self.root and cfg.dist.async_commit else None
         self._commit_pending: Future[None] | None = None
@@ -536,7 +539,7 @@ class Trainer:
         elif self.root:
             assert agent_all is not None
             stats = self.learner.update(agent_all, expert_all, None if alpha_all is None else alpha_all["alpha"],
-                                        self.n_agents_total)  # fmt: skip
+                                        self.n_agents_total, **self._ranks_kw)  # fmt: skip
         t3 = time.perf_counter()
         counts = None
         if self.sharded:  # every rank appends its own rows to its shard

@@ -26,6 +26,8 @@ class PPOConfig:
     """Passes over the iteration's batch per update (>= 1)."""
     minibatch: int = 256
     """Decisions per minibatch (>= 1): the batch is cut into ceil(rows / minibatch) equal minibatches."""
+    minibatch_per_rank: bool = False
+    """With R ranks a minibatch holds minibatch x R decisions: steps per epoch stay one rank's (docs/scaling.md)."""
     vf_coef: float = 0.5
     """Weight of the value loss in the total loss."""
     ent_coef: float = 0.01

@@ -110,6 +110,7 @@ class PPOLearner:
         alpha: np.ndarray | None = None,
         n_agents: int = 0,
         comm: Comm | None = None,
+        ranks: int | None = None,
     ) -> dict[str, float]:
         """One PPO update. With `expert` rows and `alpha` (per agent id), the HPO loss
         (1/N) sum_i alpha_i L_PPO_i + (1 - alpha_i) L_BC_i replaces the PPO policy loss.
@@ -120,7 +121,8 @@ class PPOLearner:
         update gives on the rank-ordered concatenation of all ranks' rows: advantage normalisation,
         the minibatch split, loss means, the agent count of the HPO mix and the gradient-norm clip are
         all global (see docs/architecture.md). Every rank must call it; it allreduces once per minibatch
-        (the gradient) plus a few scalar buffers."""
+        (the gradient) plus a few scalar buffers. `ranks` (default: comm's size) scales the minibatch with
+        `ppo.minibatch_per_rank`: a central update on R ranks' gathered rows passes R."""
         cfg = self.cfg
         comm = comm or SerialComm()
         dist = comm.size > 1
@@ -152,7 +154,10 @@ class PPOLearner:
                 "agent": torch.from_numpy(expert["agent_id"].astype(np.int64)),
             }
             alpha_t = torch.as_tensor(alpha, dtype=torch.float32)
-        n_mb = max(1, int(np.ceil(n / cfg.minibatch)))
+        # minibatch_per_rank: R x minibatch rows per step, so that the steps per epoch (each one a fixed cost
+        # and a gradient allreduce on every rank) do not grow with the number of ranks
+        per_step = cfg.minibatch * ((ranks or comm.size) if cfg.minibatch_per_rank else 1)
+        n_mb = max(1, int(np.ceil(n / per_step)))
         # per minibatch, each rank's share of the global value: they sum over ranks (one allreduce at the end)
         rows: list[list[float]] = []
         for _ in range(cfg.epochs):
