@@ -206,8 +206,6 @@ class Trainer:
             return masked_log_probs(scores, m).numpy()
 
     def _init_root(self, resume: bool) -> None:
-        from ..io import TrajectoryWriter
-
         cfg, run = self.cfg, self.folder
         if resume:
             self._check_layout()
@@ -223,21 +221,7 @@ class Trainer:
             self.env_steps = state["env_steps"]
             self.wall_s = state["wall_s"]
             log.info("resuming %s from %s (iteration %d done)", run, ckpt.name, state["iteration"])
-        from .metrics import EXTRA_METRIC_INFO  # units/descriptions of the metrics/ datasets
-
-        path = shard_path(run.dump, 0) if self.sharded else run.dump
-        self.writer = TrajectoryWriter(
-            path,
-            config_yaml=config_yaml(cfg),
-            obs_dim=cfg.env.obs_dim,
-            a_max=cfg.env.a_max,
-            extra_metrics=EXTRA_METRICS,
-            metric_info=EXTRA_METRIC_INFO,
-            obs_features=cfg.env.obs_features,
-            resume=resume and path.is_file(),
-            # iterations the dump holds beyond the checkpoint are redone: drop them first
-            keep_through=self.start_iteration - 1,
-        )
+        self.writer = self._open_writer(shard_path(run.dump, 0) if self.sharded else run.dump, resume)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -245,6 +229,18 @@ class Trainer:
                 self.tb = SummaryWriter(str(run.tensorboard), purge_step=self.start_iteration)
             except ImportError:
                 log.warning("tensorboard is not installed: no TensorBoard scalars (metrics are in the HDF5 file)")
+
+    def _open_writer(self, path: Path, resume: bool, commits: bool = True) -> Any:
+        """This rank's dump writer: the run's one file, or its shard. On resume, iterations the file holds
+        beyond the checkpoint are redone: they are dropped first (keep_through)."""
+        from ..io import TrajectoryWriter
+        from .metrics import EXTRA_METRIC_INFO  # units/descriptions of the metrics/ datasets
+
+        cfg = self.cfg
+        return TrajectoryWriter(path, config_yaml=config_yaml(cfg), obs_dim=cfg.env.obs_dim, a_max=cfg.env.a_max,
+                                extra_metrics=EXTRA_METRICS, metric_info=EXTRA_METRIC_INFO,
+                                obs_features=cfg.env.obs_features, resume=resume and path.is_file(),
+                                keep_through=self.start_iteration - 1, commits=commits)  # fmt: skip
 
     def _check_layout(self) -> None:
         """A resumed run keeps its dump's layout (sharded: one shard per rank, so the same number of ranks)."""
@@ -264,27 +260,13 @@ class Trainer:
     def _init_shard(self, resume: bool) -> None:
         """Every rank's shard writer (rank 0's was opened with the checkpoint), then the master, which a resumed
         run writes again at once: a kill between a commit and the master's replacement left it one behind."""
-        from ..io import TrajectoryWriter
-        from .metrics import EXTRA_METRIC_INFO
-
-        cfg, run = self.cfg, self.folder
+        run = self.folder
         if not self.root:
             path = shard_path(run.dump, self.rank)
             if resume and self.start_iteration > 0 and not path.is_file():
                 raise ReledError(f"cannot resume {run}: rank {self.rank}'s shard {path} is missing and iterations "
                                  f"0..{self.start_iteration - 1} are committed")  # fmt: skip
-            self.writer = TrajectoryWriter(
-                path,
-                config_yaml=config_yaml(cfg),
-                obs_dim=cfg.env.obs_dim,
-                a_max=cfg.env.a_max,
-                extra_metrics=EXTRA_METRICS,
-                metric_info=EXTRA_METRIC_INFO,
-                obs_features=cfg.env.obs_features,
-                resume=resume and path.is_file(),
-                keep_through=self.start_iteration - 1,
-                commits=False,
-            )
+            self.writer = self._open_writer(path, resume, commits=False)
         assert self.writer is not None
         n = self.writer.rows_after_commit()
         counts = self.comm.gather_fixed(np.array([n[g] for g in SHARDED_GROUPS], np.int64))
