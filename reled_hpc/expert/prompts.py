@@ -470,7 +470,6 @@ def _cluster_lines(clusters: list[Cluster], other: int, what: str) -> str:
 
 def render_summary(s: SubsetSummary, *, all_agents: bool = False, template_version: str = "v1") -> str:
     """The SUBSET SUMMARY block. `all_agents` lists every agent (json mode) instead of the samples."""
-    x0, y0, x1, y1 = s.bbox
     if all_agents:
         if s.json_agents is None:
             raise ValueError(f"json mode lists every agent: at most {JSON_MAX_AGENTS}, this subset has {s.n_agents}")
@@ -485,12 +484,7 @@ def render_summary(s: SubsetSummary, *, all_agents: bool = False, template_versi
         n_agents=s.n_agents,
         n_total=s.n_total,
         margin=f"{s.margin_m:.0f}",
-        x0=f"{x0:.0f}",
-        x1=f"{x1:.0f}",
-        y0=f"{y0:.0f}",
-        y1=f"{y1:.0f}",
-        width=f"{x1 - x0:.0f}",
-        height=f"{y1 - y0:.0f}",
+        **_bbox_fields(s.bbox),
         n_edges_area=s.n_edges_area,
         mean_occ=f"{s.mean_occupancy:.2f}",
         n_jammed=s.n_jammed,
@@ -511,6 +505,13 @@ def render_summary(s: SubsetSummary, *, all_agents: bool = False, template_versi
     )
 
 
+def _bbox_fields(bbox: tuple[float, float, float, float]) -> dict[str, str]:
+    """A summary's box as its template fields: corners and size, whole metres."""
+    x0, y0, x1, y1 = bbox
+    return {"x0": f"{x0:.0f}", "x1": f"{x1:.0f}", "y0": f"{y0:.0f}", "y1": f"{y1:.0f}",
+            "width": f"{x1 - x0:.0f}", "height": f"{y1 - y0:.0f}"}  # fmt: skip
+
+
 def _congested_lines(edges: Sequence[Any], scope: str) -> str:
     """The congested-edges list of a summary (the subset's area or the whole map: `scope`)."""
     rows = [f"{e.id}{_name(e.name)}: occupancy {e.occupancy:.2f}, {e.length_m:.0f} m, {_lanes(e.lanes)}" for e in edges]
@@ -524,18 +525,12 @@ def _landmark_lines(edges: Sequence[Any]) -> str:
 
 def render_map_summary(m: MapSummary, template_version: str = "v2") -> str:
     """The MAP block of a v2 prompt (identical for every subset of a cycle)."""
-    x0, y0, x1, y1 = m.bbox
     return Template(load_template("map_summary.txt", template_version)).substitute(
         map_name=m.map_name or "map",
         n_edges_map=m.n_edges_map,
         n_total=m.n_total,
         n_subsets=m.n_subsets,
-        x0=f"{x0:.0f}",
-        x1=f"{x1:.0f}",
-        y0=f"{y0:.0f}",
-        y1=f"{y1:.0f}",
-        width=f"{x1 - x0:.0f}",
-        height=f"{y1 - y0:.0f}",
+        **_bbox_fields(m.bbox),
         mean_occ=f"{m.mean_occupancy:.2f}",
         n_jammed=m.n_jammed,
         congested=_congested_lines(m.congested, "every edge"),
