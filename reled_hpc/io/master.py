@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import DumpError
 from . import schema as S
-from .reader import committed_metric_rows, first_row_after, open_h5
+from .reader import committed_metric_rows, open_h5, rows_through
 
 _LIBVER = ("v110", "latest")
 # groups whose rows every rank writes to its own shard (metrics/ lives in rank 0's shard only)
@@ -123,15 +123,6 @@ class MasterWriter:
         ds.attrs.update(d.attrs)
 
 
-def committed_rows(shard: h5py.File, last: int) -> dict[str, int]:
-    """Rows of each sharded group of an open shard whose iteration is <= `last` (rows are in iteration order)."""
-    out = {}
-    for g in SHARDED_GROUPS:
-        n = min(ds.shape[0] for ds in shard[g].values())
-        out[g] = first_row_after(shard[g]["iteration"], last, n)
-    return out
-
-
 def rebuild_master(dump: str | Path) -> Path:
     """Write the master `dump` again from its shards on disk: the iterations committed in rank 0's shard,
     every shard's rows up to the last of them. Returns the master's path."""
@@ -146,10 +137,10 @@ def rebuild_master(dump: str | Path) -> Path:
         rows: dict[str, list[int]] = {g: [] for g in SHARDED_GROUPS}
         for r, p in enumerate(shards):
             if r == 0:
-                counts = committed_rows(f0, last)
+                counts = rows_through(f0, last)
             else:
                 with open_h5(p) as f:
-                    counts = committed_rows(f, last)
+                    counts = rows_through(f, last)
             for g in SHARDED_GROUPS:
                 rows[g].append(counts[g])
         writer.write(rows, n_metrics)

@@ -205,6 +205,16 @@ def first_row_after(iteration: h5py.Dataset, value: int, n: int, lo: int = 0) ->
     return lo
 
 
+def rows_through(f: h5py.File, last: int) -> dict[str, int]:
+    """Rows of agent/, expert/ and programs/ of an open dump (or shard) whose iteration is <= `last`:
+    each group's leading rows written in every column, cut after `last` (rows are in iteration order)."""
+    out = {}
+    for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
+        n_min = min(ds.shape[0] for ds in f[g].values())
+        out[g] = first_row_after(f[g]["iteration"], last, n_min)
+    return out
+
+
 # ---------------------------------------------------------------------------- reader
 class TrajectoryReader:
     """Read a dump lazily; only iterations whose metrics row was committed are ever reported."""
@@ -321,12 +331,10 @@ class TrajectoryReader:
                 self.uncommitted_rows[g] = 0
             self.uncommitted_rows[S.METRICS_GROUP] = 0
             return
-        for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
-            n_min = min(ds.shape[0] for ds in f[g].values())
-            n_max = max(ds.shape[0] for ds in f[g].values())
-            self._n[g] = first_row_after(f[g]["iteration"], last, n_min)
-            self._blocks[g] = [(0, self._n[g])] if self._n[g] else []
-            self.uncommitted_rows[g] = n_max - self._n[g]
+        self._n = rows_through(f, last)
+        for g, n in self._n.items():
+            self._blocks[g] = [(0, n)] if n else []
+            self.uncommitted_rows[g] = max(ds.shape[0] for ds in f[g].values()) - n
         self.uncommitted_rows[S.METRICS_GROUP] = f[S.METRICS_GROUP]["iteration"].shape[0] - self._n_metrics
 
     # ------------------------------------------------------------------ metadata

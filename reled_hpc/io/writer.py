@@ -31,7 +31,7 @@ from .. import __version__
 from ..errors import DumpError
 from ..text import safe_text
 from . import schema as S
-from .reader import committed_metric_rows, first_row_after, open_h5
+from .reader import committed_metric_rows, open_h5, rows_through
 
 # False only to reproduce the plain-flush mode that SIGKILL corrupts (docs/hdf5_schema.md)
 _SWMR = True
@@ -275,11 +275,8 @@ class TrajectoryWriter:
         if not self.commits:
             assert self._keep_through is not None
             last = self._keep_through  # rank 0's shard committed these
-        for g in (*S.ROW_GROUPS, S.PROGRAMS_GROUP):
-            grp = f[g]
-            n_min = min(ds.shape[0] for ds in grp.values())
-            keep = first_row_after(grp["iteration"], last, n_min)
-            for ds in grp.values():
+        for g, keep in rows_through(f, last).items():
+            for ds in f[g].values():
                 if ds.shape[0] != keep:
                     ds.resize(keep, axis=0)
         f.flush()
