@@ -96,6 +96,10 @@ def test_a_failing_rank_takes_the_job_down(tmp_path, grid):
     assert res.returncode != 0
     out = res.stdout + res.stderr
     assert "rank 1/2 failed" in out and "injected fault on rank 1 at iteration 2" in out
+    # the durable record, whatever the launcher did with the dying rank's stderr
+    record = (tmp_path / "runs" / "fault" / "failed.rank00001.log").read_text()
+    assert "rank 1/2 failed" in record and "injected fault on rank 1 at iteration 2" in record
+    assert "Traceback" in record and not (tmp_path / "runs" / "fault" / "failed.rank00000.log").exists()
     assert took < 120, f"the job took {took:.0f} s to go down"
     with TrajectoryReader(tmp_path / "runs" / "fault" / "trajectories.h5") as r:
         assert list(r.iterations()) == [0, 1]  # everything before the fault, readable

@@ -7,6 +7,7 @@ RUN_DIR/checkpoints/         ckpt_<iteration>.pt, the last `keep_checkpoints`
 RUN_DIR/expert_cache/        the current scenario's policy-dependent expert demonstrations
 RUN_DIR/tb/                  TensorBoard scalars
 RUN_DIR/train.log            the log of rank 0
+RUN_DIR/failed.rank<NNNNN>.log  a rank's error and traceback when it took an MPI job down (appended)
 RUN_DIR/llm_server.log       the embedded LLM server's log, when training started one
 RUN_DIR/llm/                 a submitted LLM server job's endpoint.json and log
 RUN_DIR/submitit*/           SLURM job files, submit.json, requeues.json (reled_hpc.launch)
@@ -100,6 +101,11 @@ class RunDir:
     def log(self) -> Path:
         return self.path / LOG_FILE
 
+    def failure_log(self, rank: int) -> Path:
+        """Where rank `rank` records the error that made it abort an MPI job: the launcher may drop the
+        last lines of a rank's stderr when it kills the job, this file keeps them."""
+        return self.path / f"failed.rank{rank:05d}.log"
+
     @property
     def llm_server_log(self) -> Path:
         return self.path / LLM_SERVER_LOG
@@ -152,6 +158,7 @@ class RunDir:
         None when there were none. Call with the lock held."""
         present = [self.path / name for name in RUN_FILES if (self.path / name).exists()]
         present += [p for p in self.dump_files() if p not in present]
+        present += sorted(self.path.glob("failed.rank*.log"))
         if not present:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -45,6 +45,7 @@ from .run_dir import RunDir, checkpoint_file, checkpoint_files
 from .seeds import actor_seed, derive_seed, episode_index, eval_seed, expert_seed, scenario_seed
 
 log = logging.getLogger("reled_hpc.train")
+ABORT_DRAIN_S = 1.0  # a failing rank's pause between its last words and MPI_Abort
 
 
 class _StopFlag:
@@ -709,6 +710,7 @@ def train(config: Path | str | TrainConfig | None, *, resume: Path | None = None
     from ..dist.comm import get_comm
 
     comm = comm or get_comm()
+    run: RunDir | None = None
     agreed: BaseException | None = None  # raised on every rank alike: no MPI abort needed
     try:
         if resume is not None:
@@ -764,5 +766,13 @@ def train(config: Path | str | TrainConfig | None, *, resume: Path | None = None
         print(f"reled-hpc: {msg}", file=sys.stderr, flush=True)
         for h in logging.getLogger("reled_hpc").handlers:
             h.flush()
+        if run is not None and run.path.is_dir():
+            try:
+                with open(run.failure_log(comm.rank), "a") as f:
+                    f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {msg}\n")
+            except OSError as werr:  # a full or read-only disk must not keep the job from going down
+                print(f"reled-hpc: could not write {run.failure_log(comm.rank)}: {werr}", file=sys.stderr, flush=True)
+        # the launcher kills every rank at MPI_Abort and may drop output its proxy has not forwarded yet
+        time.sleep(ABORT_DRAIN_S)
         comm.abort(1)  # takes every rank down now: no rank waits on a dead peer
         raise
