@@ -5,7 +5,9 @@ Each agent count runs `reled-hpc train` under `mpiexec -n R` for a few iteration
 expert) on the shipped map; the first iteration is a warm-up and is left out of the averages.
 On a 2-core machine R ranks share the cores: read overhead and growth, not speed-up.
 `--learner central allreduce` runs every agent count with each update (`dist.learner`) in one
-invocation, so the two are compared under the same machine load.
+invocation, so the two are compared under the same machine load; `--repeats K` runs each config K
+times in ABBA order and reports medians (rollouts are the same work under either update, so their
+run-to-run spread is the machine's noise; `learner_part_s` = update + comm + write is what the update changes).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ PARTS = ("rollout_s", "expert_s", "dtw_s", "comm_s", "update_s", "write_s")
 
 def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: float, algorithm: str,
             learner: str = "auto", dump: str = "auto", traffic: str = "light",
-            commit: str = "inline", scenario_period: int = 1) -> dict[str, Any]:  # fmt: skip
+            commit: str = "inline", scenario_period: int = 1,
+            minibatch_per_rank: bool = False) -> dict[str, Any]:  # fmt: skip
     from ..experiment.run_dir import RunDir
     from ..io import TrajectoryReader
 
@@ -41,6 +44,7 @@ def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: fl
             "dist": {"total_agents": agents, "learner": learner, "dump": dump,
                      "async_commit": commit == "background"},
             "hpo": {"scenario_period": scenario_period},
+            "ppo": {"minibatch_per_rank": minibatch_per_rank},
         }  # fmt: skip
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -63,6 +67,7 @@ def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: fl
         "dump": dump,
         "commit": commit,
         "scenario_period": scenario_period,
+        "minibatch_per_rank": minibatch_per_rank,
         "agents": agents,
         "agents_per_rank": agents / ranks,
         "iteration_s": round(iter_s, 3),
@@ -77,6 +82,22 @@ def run_one(ranks: int, agents: int, iterations: int, map_name: str, horizon: fl
         "root_gather_bytes_per_iteration": int(np.mean(m["root_gather_bytes"][steady])),
         "process_wall_s": round(total, 1),
     }
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One config's runs: the first run's fields with every time the median over the runs, and the
+    per-run iteration times and learner-dependent times (update + comm + write) beside them."""
+    out = dict(runs[0])
+    learner_part = [r["update_s"] + r["comm_s"] + r["write_s"] for r in runs]
+    if len(runs) > 1:
+        for k in ("iteration_s", *PARTS):
+            out[k] = round(float(np.median([r[k] for r in runs])), 4)
+        out["share"] = {k.removesuffix("_s"): round(out[k] / out["iteration_s"], 4) for k in PARTS}
+        out["iteration_s_runs"] = [r["iteration_s"] for r in runs]
+    out["learner_part_s"] = round(float(np.median(learner_part)), 4)
+    if len(runs) > 1:
+        out["learner_part_s_runs"] = [round(v, 4) for v in learner_part]
+    return out
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -100,19 +121,41 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algorithm", default="reled", choices=["ippo", "mappo", "qmix", "reled"])
     p.add_argument("--learner", nargs="+", default=["auto"], choices=["auto", "central", "allreduce"],
                    help="dist.learner of the runs; several: each agent count runs with each, alternating")  # fmt: skip
+    p.add_argument(
+        "--minibatch-per-rank",
+        action="store_true",
+        help="ppo.minibatch_per_rank: R x minibatch rows per step, for either update (the same steps)",
+    )
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every config this many times, the order reversed every other round (ABBA); "
+                        "comparisons use the median of each config's runs")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # alternate the updates per agent count, so slow drift of the machine's load hits both alike
-    results = [run_one(r, n * r if args.per_rank else n, args.iterations, args.map, args.horizon, args.algorithm,
-                       learner, dump, args.traffic, commit, args.scenario_period)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    configs = [(r, n * r if args.per_rank else n, learner, dump, commit)
                for r in args.ranks for n in args.agents for learner in args.learner for dump in args.dump
                for commit in args.commit]  # fmt: skip
+    runs: dict[tuple, list[dict[str, Any]]] = {c: [] for c in configs}
+    for k in range(args.repeats):
+        for c in configs if k % 2 == 0 else configs[::-1]:
+            r, n, learner, dump, commit = c
+            runs[c].append(run_one(r, n, args.iterations, args.map, args.horizon, args.algorithm, learner, dump,
+                                   args.traffic, commit, args.scenario_period, args.minibatch_per_rank))  # fmt: skip
+            print(
+                f"bench dist: {learner}/{dump}/{commit} R={r} agents={n} round {k + 1}/{args.repeats}: "
+                f"{runs[c][-1]['iteration_s']} s per iteration",
+                file=sys.stderr,
+                flush=True,
+            )
+    results = [_median_run(runs[c]) for c in configs]
     out: dict[str, Any] = {"bench": "dist", "ranks": args.ranks, "map": args.map, "horizon_s": args.horizon,
                            "algorithm": args.algorithm, "learners": args.learner, "dumps": args.dump,
                            "traffic": args.traffic, "results": results}  # fmt: skip
     if len(args.learner) > 1:
-        keys = ("iteration_s", "update_s", "comm_s", "comm_bytes_per_iteration")
+        keys = ("iteration_s", "update_s", "comm_s", "learner_part_s", "comm_bytes_per_iteration")
         groups: dict[tuple[int, int, str], dict[str, Any]] = {}
         for r in results:
             row = groups.setdefault((r["ranks"], r["agents"], r["dump"]),
