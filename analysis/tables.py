@@ -32,8 +32,15 @@ from .rows import returns_by_iteration, row_stats
 from .stats import FINAL_WINDOW, mean_std, read_programs, seconds_per_iteration, sed_stats, time_to_threshold
 
 FINAL_METRICS = ("mean_travel_time", "arrival_rate", "mean_return")
+# the held-out greedy evaluation (reled_hpc.experiment.evaluation, with eval.every): a run's value is the
+# one of its last evaluation; NaN at the iterations between evaluations, absent or all NaN without any
+HELD_OUT_METRICS = ("eval_time_censored", "eval_arrival_rate")
+# the references.json key of each: `reled-hpc references` names reference_eval's figures eval_<metric>
+HELD_OUT_REFERENCE_KEYS = {"eval_time_censored": "eval_mean_time_censored", "eval_arrival_rate": "eval_arrival_rate"}
+HELD_OUT_POI = "eval_time_censored"  # the held-out metric of the probability of improvement
 # the direction of "better" per final metric, for the probability of improvement
-LOWER_IS_BETTER = {"mean_travel_time": True, "arrival_rate": False, "mean_return": False}
+LOWER_IS_BETTER = {"mean_travel_time": True, "arrival_rate": False, "mean_return": False,
+                   "eval_time_censored": True, "eval_arrival_rate": False}  # fmt: skip
 DEFAULT_FOCUS = "reled"  # the paper's method: the focus of the probability of improvement when present
 # the interaction probe's metrics (reled_hpc.experiment.probe), averaged over a run's probes
 PROBE_METRICS = ("route_churn", "probe_external_tt_change", "probe_external_change")
@@ -273,25 +280,32 @@ def compare(
     window: int = FINAL_WINDOW,
     options: RobustOptions | None = None,
 ) -> Comparison:
-    """One row per experiment group (mean/std and IQM [CI] over seeds, probability of improvement of the
-    focus groups, sample efficiency) and one per reference policy."""
+    """One row per experiment group (mean/std and IQM [CI] over seeds of the training finals and of the
+    held-out evaluation, probability of improvement of the focus groups, sample efficiency) and one per
+    reference policy."""
     opt = options or RobustOptions()
     boot = {"reps": opt.reps, "seed": opt.seed}
     focus = resolve_focus(groups, opt.focus)
     level, level_note = efficiency_level(references, opt.fraction, opt.target)
-    finals = {id(g): {k: [r.final(k, window) for r in g.runs] for k in FINAL_METRICS} for g in groups}
+    # one value per run: training finals over the last `window` iterations; held out, the run's last
+    # evaluation (its final one: the iterations between evaluations are NaN), NaN if it never evaluated
+    finals = {
+        id(g): {k: [r.final(k, window) for r in g.runs] for k in FINAL_METRICS}
+        | {k: [last_finite(r.metrics.get(k)) for r in g.runs] for k in HELD_OUT_METRICS}
+        for g in groups
+    }
     out: list[dict[str, Any]] = []
     for g in groups:
         row: dict[str, Any] = {"label": g.label, "algorithm": g.algorithm, "n_seeds": len(g.runs),
                                "seeds": " ".join(str(s) for s in g.seeds), "agents": g.runs[0].total_agents,
                                "reference": False}  # fmt: skip
-        for k in FINAL_METRICS:
+        for k in (*FINAL_METRICS, *HELD_OUT_METRICS):
             row[f"{k}_mean"], row[f"{k}_std"], _ = mean_std(finals[id(g)][k])
             _put(row, f"{k}_iqm", iqm_interval([finals[id(g)][k]], **boot))
         row["poi"] = {
             f.label: {
                 k: probability_of_improvement([finals[id(f)][k]], [finals[id(g)][k]], LOWER_IS_BETTER[k], **boot)
-                for k in FINAL_METRICS
+                for k in (*FINAL_METRICS, HELD_OUT_POI)
             }
             for f in focus
             if f is not g
@@ -315,9 +329,9 @@ def compare(
         out.append(row)
     for policy, vals in references.items():
         row = {"label": f"{policy} (reference)", "algorithm": policy, "n_seeds": None, "reference": True}
-        for k in FINAL_METRICS:
-            row[f"{k}_mean"], row[f"{k}_std"] = vals.get(k, math.nan), math.nan
-            _put(row, f"{k}_iqm", Interval(vals.get(k, math.nan), math.nan, math.nan, 1))
+        for k, ref_key in ({k: k for k in FINAL_METRICS} | HELD_OUT_REFERENCE_KEYS).items():
+            row[f"{k}_mean"], row[f"{k}_std"] = vals.get(ref_key, math.nan), math.nan
+            _put(row, f"{k}_iqm", Interval(vals.get(ref_key, math.nan), math.nan, math.nan, 1))
         out.append(row)
     notes = [level_note] if level_note else []
     return Comparison(out, threshold, window, opt, [f.label for f in focus], level, notes)
@@ -335,6 +349,11 @@ def fmt_ci(value: float, lo: float, hi: float, digits: int = 1, scale: float = 1
     return text if math.isnan(lo) or math.isnan(hi) else f"{text} [{one(lo)}, {one(hi)}]"
 
 
+def has_held_out(cmp: Comparison) -> bool:
+    """Whether any row (group or reference) has a held-out evaluation value: else no such columns."""
+    return any(_finite(r.get(f"{k}_iqm")) for r in cmp.rows for k in HELD_OUT_METRICS)
+
+
 def _columns(cmp: Comparison) -> list[tuple[str, str]]:
     """(header, key) of the displayed columns."""
     cols = [
@@ -345,6 +364,12 @@ def _columns(cmp: Comparison) -> list[tuple[str, str]]:
         ("final arrival rate (%)", "arrival_rate"),
     ]
     cols += [(f"P({f} better): travel time", f"poi:{f}") for f in cmp.focus]
+    if has_held_out(cmp):
+        cols += [
+            ("held-out travel time, greedy (s)", "eval_time_censored"),
+            ("held-out arrival (%)", "eval_arrival_rate"),
+        ]
+        cols += [(f"P({f} better): held-out time", f"poi_eval:{f}") for f in cmp.focus]
     if cmp.level is not None:
         lv = cmp.level
         cols += [
@@ -361,13 +386,19 @@ def _columns(cmp: Comparison) -> list[tuple[str, str]]:
     return cols
 
 
+# (scale, digits) of the IQM [CI] cells
+_IQM_FORMAT = {"mean_travel_time": (1.0, 1), "arrival_rate": (100.0, 1), "mean_return": (1.0, 2),
+               "eval_time_censored": (1.0, 1), "eval_arrival_rate": (100.0, 1)}  # fmt: skip
+
+
 def _cell(row: dict[str, Any], key: str) -> str:
-    if key in FINAL_METRICS:
-        scale, digits = (100.0, 1) if key == "arrival_rate" else (1.0, 1 if key == "mean_travel_time" else 2)
+    if key in _IQM_FORMAT:
+        scale, digits = _IQM_FORMAT[key]
         k = f"{key}_iqm"
         return fmt_ci(row.get(k, math.nan), row.get(f"{k}_lo", math.nan), row.get(f"{k}_hi", math.nan), digits, scale)
-    if key.startswith("poi:"):
-        iv = row.get("poi", {}).get(key[4:], {}).get("mean_travel_time")
+    if key.startswith(("poi:", "poi_eval:")):
+        kind, _, focus = key.partition(":")
+        iv = row.get("poi", {}).get(focus, {}).get("mean_travel_time" if kind == "poi" else HELD_OUT_POI)
         return fmt_ci(iv.value, iv.lo, iv.hi, 2) if iv else "-"
     if key == "steps_to_level_iqm":
         return fmt_ci(row.get(key, math.nan), row.get(f"{key}_lo", math.nan), row.get(f"{key}_hi", math.nan), 0)
@@ -397,6 +428,20 @@ def compare_notes(cmp: Comparison) -> list[str]:
         )
     else:
         notes.append("No probability of improvement: no group is --focus (default: the reled groups).")
+    if has_held_out(cmp):
+        poi = (
+            " 'P(X better): held-out time': as above, on this held-out time (CSV: p_better[X]_eval_time_censored)."
+            if cmp.focus
+            else ""
+        )
+        notes.append(
+            "Held-out travel time and arrival (greedy): the greedy policy at the run's last evaluation (every "
+            "eval.every iterations and at the last iteration) on the held-out scenarios: seeds training never saw, "
+            "for a given run seed the same for every algorithm and for the reference rows (the reference policies "
+            "on those scenarios, from references.json). The travel time counts every agent, an unfinished one "
+            "until the horizon (losing agents does not make a policy look fast); arrival: the share of agents "
+            f"that arrived. IQM [{ci}] over the seeds that evaluated ('-': none did).{poi}"
+        )
     lv = cmp.level
     if lv is not None:
         notes.append(
@@ -424,7 +469,7 @@ def to_markdown(cmp: Comparison, bad: Sequence[str] = ()) -> str:
 
 CSV_FIELDS = [
     *("label", "algorithm", "reference", "n_seeds", "seeds", "agents"),
-    *(f"{k}_{s}" for k in FINAL_METRICS for s in ("mean", "std", "iqm", "iqm_lo", "iqm_hi")),
+    *(f"{k}_{s}" for k in (*FINAL_METRICS, *HELD_OUT_METRICS) for s in ("mean", "std", "iqm", "iqm_lo", "iqm_hi")),
     *("steps_to_level_iqm", "steps_to_level_iqm_lo", "steps_to_level_iqm_hi", "level_reached"),
     *(f"{k}_to_threshold_{s}" for k in ("steps", "wall") for s in ("mean", "std")),
     *("reached", "iterations_mean", "env_steps_mean", "wall_s_mean", "s_per_iteration_mean"),
@@ -440,7 +485,9 @@ def _csv_value(v: Any) -> Any:
 
 def to_csv(cmp: Comparison) -> str:
     """Raw numbers; the probability of improvement as p_better[FOCUS]_METRIC (+ _lo, _hi) per focus group."""
-    poi_fields = [f"p_better[{f}]_{k}{s}" for f in cmp.focus for k in FINAL_METRICS for s in ("", "_lo", "_hi")]
+    poi_fields = [
+        f"p_better[{f}]_{k}{s}" for f in cmp.focus for k in (*FINAL_METRICS, HELD_OUT_POI) for s in ("", "_lo", "_hi")
+    ]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*CSV_FIELDS, *poi_fields, "runs"], extrasaction="ignore",
                        lineterminator="\n")  # fmt: skip
