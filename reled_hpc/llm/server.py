@@ -277,7 +277,7 @@ def default_threads() -> int:
     return max(1, cores // 2)
 
 
-PROMPT_CACHE_MB = 2048  # llama_cpp.server's RAM prompt cache (its own default size)
+PROMPT_CACHE_MB = 2048  # llama_cpp.server's RAM prompt cache (its own default size), every byte counted (llama_main)
 
 
 def embedded_command(
@@ -303,7 +303,7 @@ def embedded_command(
     return [
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        "reled_hpc.llm.llama_main",  # llama_cpp.server with a cache limit that counts the stored logits
         "--model",
         str(gguf),
         "--model_alias",
