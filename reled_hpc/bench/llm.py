@@ -8,6 +8,8 @@ OpenAI-compatible server (then no server log, so no cache share); `--vllm-endpoi
 
 v1 runs as SED ran before the v2 work (v1 layout, no stop sequence, revisions at temperature 0); v2 with
 the SEDConfig defaults (v2 layout, stop at the closing fence, revision_temperature, revision_candidates).
+`--layout-version v3` runs that side with another template set (v3: the live congestion out of the
+shared prefix); the output keys keep the name "v2" for that side.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 
 from ..expert.config import SEDConfig
 from ..expert.llm_expert import LLMExpert
+from ..expert.prompts import load_template
 from ..sim.env import CAND_FEATURES, SELF_FEATURES, EnvConfig, NavigationEnv
 
 SCALE_SIZES = (10, 50, 250, 1000)
@@ -172,10 +175,10 @@ def _layout(args: argparse.Namespace, sed: SEDConfig, seeds: list[int], label: s
     return out
 
 
-def prompt_scale(model: str, n_ctx: int = 4096, max_tokens: int = 512) -> list[dict[str, Any]]:
+def prompt_scale(model: str, n_ctx: int = 4096, max_tokens: int = 512, layout: str = "v2") -> list[dict[str, Any]]:
     """Measured prompt tokens (the model's tokenizer, ChatML as Qwen2.5's template writes it) of a round-1
-    code-mode plan prompt, v1 and v2, per map and subset size; agents at random edges, random congestion
-    (every capped list full: the largest prompt the summary makes)."""
+    code-mode plan prompt, v1 and v2 (or `layout` under the v2 keys), per map and subset size; agents at
+    random edges, random congestion (every capped list full: the largest prompt the summary makes)."""
     from llama_cpp import Llama
 
     from ..expert.prompts import SUMMARY_LIMITS, build_plan_messages, summarise_map, summarise_subset
@@ -201,10 +204,10 @@ def prompt_scale(model: str, n_ctx: int = 4096, max_tokens: int = 512) -> list[d
             total = 4 * n
             ms = summarise_map(graph, occ, map_name=name, n_subsets=4, n_total=total)
             row: dict[str, Any] = {"map": name, "agents": n}
-            for v in ("v1", "v2"):
-                lim = SUMMARY_LIMITS.get(v, {})
+            for v, tv in (("v1", "v1"), ("v2", layout)):
+                lim = SUMMARY_LIMITS.get(tv, {})
                 s = summarise_subset(graph, agents, occ, map_name=name, subset=1, n_subsets=4, n_total=total, **lim)
-                msgs = build_plan_messages(s, "code", v, ms)
+                msgs = build_plan_messages(s, "code", tv, ms)
                 row[f"tokens_{v}"] = n_tokens(msgs)
                 if v == "v2":  # the part after the prefix every subset of the cycle shares
                     shared = msgs[1]["content"].index("\n\n### SUBSET\n")
@@ -225,6 +228,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subsets", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="R_max")
     p.add_argument("--cycles", type=int, default=6, help="cycles (scenarios) with the v2 layout")
+    p.add_argument(
+        "--layout-version",
+        default="v2",
+        help="template set of the 'v2' side (e.g. v3); the output keys still say v2",
+    )
     p.add_argument("--v1-cycles", type=int, default=2, help="of the same cycles, how many run with v1 too")
     p.add_argument("--tau-r", type=float, default=None, help="default: SEDConfig's")
     p.add_argument("--tau-p", type=float, default=None, help="default: SEDConfig's")
@@ -240,9 +248,9 @@ def _r(x: float, nd: int = 3) -> float | None:
     return round(x, nd) if isinstance(x, float | int) and math.isfinite(x) else None
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.prompt_scale:
-        return {"bench": "llm", "prompt_scale": prompt_scale(args.model), "model": args.model}
+def sed_configs(args: argparse.Namespace) -> tuple[SEDConfig, SEDConfig]:
+    """The SEDConfigs of the two sides: (v1 as SED ran before, the layout under test: v2 or
+    --layout-version)."""
     base = SEDConfig(m=args.subsets, r_max_rounds=args.rounds)
     over: dict[str, Any] = {}
     if args.tau_r is not None:
@@ -253,9 +261,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         over["revision_candidates"] = args.candidates
     if args.max_tokens is not None:
         over["max_tokens"] = args.max_tokens
-    v2 = replace(base, template_version="v2", **over)
+    v2 = replace(base, template_version=args.layout_version, **over)
+    load_template("plan_code.txt", v2.template_version)  # an unknown version fails here, before any server starts
     # v1 as SED ran before: v1 layout, no stop sequence, revisions at temperature 0 (same thresholds)
     v1 = replace(v2, template_version="v1", stop_at_fence=False, revision_temperature=0.0, revision_candidates=1)
+    return v1, v2
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.prompt_scale:
+        return {
+            "bench": "llm",
+            "prompt_scale": prompt_scale(args.model, layout=args.layout_version),
+            "model": args.model,
+            "layout_version": args.layout_version,
+        }
+    v1, v2 = sed_configs(args)
     seeds = [args.seed + i for i in range(args.cycles)]
     r1 = _layout(args, v1, seeds[: args.v1_cycles], "v1") if args.v1_cycles > 0 else None
     r2 = _layout(args, v2, seeds, "v2")
@@ -288,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "subsets": args.subsets,
         "r_max": args.rounds,
         "policy": args.policy,
+        "layout_version": v2.template_version,  # the template set of the *_v2 keys
         "tau_R": v2.tau_R,
         "tau_P": v2.tau_P,
         "revision_temperature": v2.revision_temperature,

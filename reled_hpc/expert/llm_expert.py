@@ -136,7 +136,7 @@ class LLMExpert:
         congestion = self._congestion(env)
         subsets = partition_for_cycle(list(agents), cfg.m, self.seed, seed)
         self._graph = graph
-        # one map summary per cycle: the identical prefix of every subset's v2 prompt
+        # one map summary per cycle: the identical prefix of every subset's v2/v3 prompt
         map_summary = summarise_map(
             graph, congestion, map_name=env.map.name, n_subsets=len(subsets), n_total=len(agents)
         )

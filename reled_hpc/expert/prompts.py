@@ -8,7 +8,10 @@ clusters on a 3x3 grid, the main flows, a few sample agents), and the program is
 loops over `api.agents()`. Feedback rounds replace the previous feedback instead of appending to it.
 
 Templates are package data under `prompt_templates/<version>/` (read with importlib.resources),
-filled with `string.Template` (`$name`), so braces in code examples need no escaping.
+filled with `string.Template` (`$name`), so braces in code examples need no escaping. v1: subset first;
+v2: what a cycle's subsets share first (MAP block with the live congestion), subset last; v3: v2 with
+the live congestion moved from MAP into a TRAFFIC NOW block after it, so that the prefix through MAP
+is byte-identical across cycles too (the server's prompt cache then keeps it from cycle to cycle).
 Token estimate: `estimate_tokens(text) = len(text) / 4`.
 """
 
@@ -55,6 +58,7 @@ __all__ = [
     "program_from_reply",
     "render_map_summary",
     "render_summary",
+    "render_traffic_now",
     "summarise_map",
     "summarise_subset",
 ]
@@ -79,9 +83,12 @@ ROUTE_SAMPLE = 200  # agents whose shortest path is traced for the crowding list
 # never matches; the server drops the stop text, and extract_program accepts the unclosed fence.
 CODE_STOP = "\n```\n"
 # summarise_subset's caps per template version: v2's subset part is all a cycle's prompts do not share
-# (the map block carries the main roads), so it is kept short; v1 uses the defaults
+# (the map block carries the main roads), so it is kept short; v3 keeps v2's subset part (only the
+# layout differs); v1 uses the defaults
+_SHARED_FIRST_LIMITS = {"max_agents_shown": 3, "max_edges_shown": 5, "max_clusters": 4, "max_landmarks": 0}
 SUMMARY_LIMITS: dict[str, dict[str, int]] = {
-    "v2": {"max_agents_shown": 3, "max_edges_shown": 5, "max_clusters": 4, "max_landmarks": 0},
+    "v2": dict(_SHARED_FIRST_LIMITS),
+    "v3": dict(_SHARED_FIRST_LIMITS),
 }
 
 
@@ -186,8 +193,10 @@ class SubsetSummary:
 
 @dataclass
 class MapSummary:
-    """The map-level part of a v2 plan prompt: the same for every subset of a cycle (so the prompts of
-    a cycle share a byte-identical prefix the server's prompt cache reuses); bounded like SubsetSummary."""
+    """The map-level part of a v2/v3 plan prompt: the same for every subset of a cycle (so the prompts of
+    a cycle share a byte-identical prefix the server's prompt cache reuses); bounded like SubsetSummary.
+    mean_occupancy, n_jammed and congested change with the scenario (v3 shows them in TRAFFIC NOW, after
+    the MAP block); the rest is fixed for a run."""
 
     map_name: str
     n_edges_map: int
@@ -407,9 +416,10 @@ def summarise_map(
     max_edges_shown: int = 8,
     max_landmarks: int = 6,
 ) -> MapSummary:
-    """The map-level summary of a cycle (v2 prompts): depends on the graph, the congestion and the
+    """The map-level summary of a cycle (v2/v3 prompts): depends on the graph, the congestion and the
     cycle's counts only, never on a subset. Landmarks: the most prominent named roads (lanes x length,
-    one edge per street name)."""
+    one edge per street name), chosen and shown without the congestion, so v3's MAP block is the same
+    in every cycle."""
     occ = _occupancy(graph, congestion)
     mid = (np.asarray(graph.start_xy, np.float64) + np.asarray(graph.end_xy, np.float64)) / 2
     allx = np.arange(graph.n_edges)
@@ -523,23 +533,36 @@ def _landmark_lines(edges: Sequence[Any]) -> str:
     return _lines(rows, "none")
 
 
-def render_map_summary(m: MapSummary, template_version: str = "v2") -> str:
-    """The MAP block of a v2 prompt (identical for every subset of a cycle)."""
-    return Template(load_template("map_summary.txt", template_version)).substitute(
-        map_name=m.map_name or "map",
-        n_edges_map=m.n_edges_map,
-        n_total=m.n_total,
-        n_subsets=m.n_subsets,
+def _map_fields(m: MapSummary) -> dict[str, Any]:
+    """The template fields of a MapSummary, for both map_summary.txt and traffic_now.txt (each uses its
+    own; substitute ignores the rest)."""
+    return {
+        "map_name": m.map_name or "map",
+        "n_edges_map": m.n_edges_map,
+        "n_total": m.n_total,
+        "n_subsets": m.n_subsets,
         **_bbox_fields(m.bbox),
-        mean_occ=f"{m.mean_occupancy:.2f}",
-        n_jammed=m.n_jammed,
-        congested=_congested_lines(m.congested, "every edge"),
-        landmarks=_landmark_lines(m.landmarks),
-    )
+        "mean_occ": f"{m.mean_occupancy:.2f}",
+        "n_jammed": m.n_jammed,
+        "congested": _congested_lines(m.congested, "every edge"),
+        "landmarks": _landmark_lines(m.landmarks),
+    }
 
 
-def _uses_map_summary(template_version: str, mode: Mode) -> bool:
-    return "$map_summary" in load_template("plan_code.txt" if mode == "code" else "plan_json.txt", template_version)
+def render_map_summary(m: MapSummary, template_version: str = "v2") -> str:
+    """The MAP block of a v2/v3 prompt: identical for every subset of a cycle (v2: the congestion
+    included) or of a run (v3: the congestion is in TRAFFIC NOW)."""
+    return Template(load_template("map_summary.txt", template_version)).substitute(_map_fields(m))
+
+
+def render_traffic_now(m: MapSummary, template_version: str = "v3") -> str:
+    """The TRAFFIC NOW block of a v3 prompt: the network's live congestion, identical for every subset
+    of a cycle; kept out of the MAP block so that block stays the same from cycle to cycle."""
+    return Template(load_template("traffic_now.txt", template_version)).substitute(_map_fields(m))
+
+
+def _plan_template(template_version: str, mode: Mode) -> str:
+    return load_template("plan_code.txt" if mode == "code" else "plan_json.txt", template_version)
 
 
 def build_plan_messages(
@@ -556,23 +579,29 @@ def build_plan_messages(
     v1 puts the subset summary first. v2 puts everything a cycle's subsets share first (system, task,
     API, output format, then the MAP block from `map_summary`, required there), the subset's own part
     last, and feedback after it: all prompts of a cycle then share one byte-identical prefix, which
-    the server's prompt cache (llama.cpp) or prefix caching (vLLM) evaluates once."""
+    the server's prompt cache (llama.cpp) or prefix caching (vLLM) evaluates once. v2's MAP block holds
+    the live congestion, so across cycles the prefix ends there; v3 moves it into a TRAFFIC NOW block
+    between MAP and SUBSET, so the prefix through MAP is shared across cycles as well."""
     if mode not in ("code", "json"):
         raise ValueError(f"mode must be 'code' or 'json', got {mode!r}")
     system = load_template("system.txt", template_version).strip()
+    plan_template = _plan_template(template_version, mode)
     fields: dict[str, Any] = {}
-    if _uses_map_summary(template_version, mode):
+    if "$map_summary" in plan_template or "$traffic_now" in plan_template:
         if map_summary is None:
             raise ValueError(f"template {template_version} needs map_summary (prompts.summarise_map)")
-        fields["map_summary"] = render_map_summary(map_summary, template_version).strip()
+        if "$map_summary" in plan_template:
+            fields["map_summary"] = render_map_summary(map_summary, template_version).strip()
+        if "$traffic_now" in plan_template:
+            fields["traffic_now"] = render_traffic_now(map_summary, template_version).strip()
     if mode == "code":
-        user = Template(load_template("plan_code.txt", template_version)).substitute(
+        user = Template(plan_template).substitute(
             summary=render_summary(summary, template_version=template_version).strip(),
             api_reference=load_template("api_reference.txt", template_version).strip(),
             **fields,
         )
     elif mode == "json":
-        user = Template(load_template("plan_json.txt", template_version)).substitute(
+        user = Template(plan_template).substitute(
             n_agents=summary.n_agents,
             summary=render_summary(summary, all_agents=True, template_version=template_version).strip(),
             schema=json.dumps(load_plan_schema(template_version), separators=(",", ":")),
@@ -616,7 +645,7 @@ def build_feedback_messages(
 ) -> Messages:
     """The next round's messages: the round-1 system and user messages (an earlier FEEDBACK section is
     cut off, so rounds do not accumulate) with a FEEDBACK section appended to the user message (v1), or
-    (templates whose feedback.txt has no $program, v2) the round-1 messages unchanged, the previous
+    (templates whose feedback.txt has no $program, v2 and v3) the round-1 messages unchanged, the previous
     answer as an assistant turn and the FEEDBACK section as a user turn: the server's prompt cache
     stored its state after that answer, so a revision evaluates little more than the feedback.
 
