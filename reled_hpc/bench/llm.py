@@ -6,10 +6,10 @@ By default the embedded server (llama.cpp) with the shipped model; `--endpoint U
 OpenAI-compatible server (then no server log, so no cache share); `--vllm-endpoint URL` adds
 `reled_hpc.bench.vllm.measure_concurrency` on a vLLM server.
 
-v1 runs as SED ran before the v2 work (v1 layout, no stop sequence, revisions at temperature 0); v2 with
-the SEDConfig defaults (v2 layout, stop at the closing fence, revision_temperature, revision_candidates).
-`--layout-version v3` runs that side with another template set (v3: the live congestion out of the
-shared prefix); the output keys keep the name "v2" for that side.
+v1 runs as SED ran before the v2 work (v1 layout, no stop sequence, revisions at temperature 0); the
+"v2" side with the SEDConfig defaults (the shared-prefix layout, v3 by default: v2 with the live
+congestion out of the shared prefix; stop at the closing fence, revision_temperature,
+revision_candidates). `--layout-version v2` runs that side with v2; the output keys keep the name "v2".
 """
 
 from __future__ import annotations
@@ -230,8 +230,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cycles", type=int, default=6, help="cycles (scenarios) with the v2 layout")
     p.add_argument(
         "--layout-version",
-        default="v2",
-        help="template set of the 'v2' side (e.g. v3); the output keys still say v2",
+        default="v3",
+        help="template set of the 'v2' (shared-prefix) side, default SED's v3; the output keys still say v2",
     )
     p.add_argument("--v1-cycles", type=int, default=2, help="of the same cycles, how many run with v1 too")
     p.add_argument("--tau-r", type=float, default=None, help="default: SEDConfig's")

@@ -51,9 +51,9 @@ class SEDConfig:
     """Answers sampled per revision and subset (>= 1); each is driven and scored, the best is kept."""
     prime_prefix: Literal["auto", "on", "off"] = "off"
     """Send a round's shared prompt prefix first (1 token); auto: for vLLM. Off: measured no gain (docs/llm.md)."""
-    template_version: str = "v2"
-    """Prompt template set: reled_hpc/expert/prompt_templates/<version>/ (v2: shared prefix first; v3: v2 with
-    the live congestion after the MAP block, so the prefix also holds across cycles)."""
+    template_version: str = "v3"
+    """Prompt template set: reled_hpc/expert/prompt_templates/<version>/ (v2: shared prefix first; v3, the
+    default: v2 with the live congestion after the MAP block, so the prefix also holds across cycles)."""
     measure_external: bool = True
     """Drive 1 + m extra episodes per cycle to measure the other agents' return change (a logged metric)."""
 
