@@ -99,7 +99,8 @@ def _robust_options(args: argparse.Namespace) -> RobustOptions:
     from .tables import RobustOptions
 
     return RobustOptions(focus=args.focus, fraction=args.efficiency_fraction, target=args.efficiency_target,
-                         reps=args.bootstrap_reps, seed=args.bootstrap_seed)  # fmt: skip
+                         metric=args.efficiency_metric, reps=args.bootstrap_reps,
+                         seed=args.bootstrap_seed)  # fmt: skip
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -204,6 +205,10 @@ def _add_robust_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--efficiency-target", default="due", metavar="POLICY",
                    help="the reference the sample-efficiency level heads to (default due; without it in the "
                    "references: shortest_path, fastest_path or free_flow, said in the notes)")  # fmt: skip
+    p.add_argument("--efficiency-metric", choices=("mean_time_censored", "mean_travel_time"),
+                   default="mean_time_censored",
+                   help="the travel time of the sample-efficiency level (default mean_time_censored: every agent "
+                   "counted, unfinished ones until the horizon; mean_travel_time: arrived agents only)")  # fmt: skip
     p.add_argument("--bootstrap-reps", type=_positive_int, default=2000, metavar="N",
                    help="bootstrap resamples of the 95%% CIs (default 2000)")  # fmt: skip
     p.add_argument(

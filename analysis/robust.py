@@ -145,6 +145,9 @@ def probability_of_improvement(
 START_POLICY = "random"
 TARGET_POLICY = "due"
 TARGET_FALLBACKS = ("shortest_path", "fastest_path", "free_flow")  # if the references lack `due`
+# travel time with every agent counted (unfinished ones until the horizon); mean_travel_time counts arrivals only
+EFFICIENCY_METRICS = ("mean_time_censored", "mean_travel_time")
+EFFICIENCY_METRIC = EFFICIENCY_METRICS[0]
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class Level:
     start_value: float
     target_value: float
     fallback: bool  # target is not the one asked for (DUE missing from the references)
+    metric: str = "mean_time_censored"  # the runs' and references' travel-time metric it is a level of
 
     @property
     def label(self) -> str:
@@ -169,26 +173,28 @@ def efficiency_level(
     fraction: float,
     target: str = TARGET_POLICY,
     start: str = START_POLICY,
+    metric: str = EFFICIENCY_METRIC,
 ) -> tuple[Level | None, str]:
-    """(level, note): travel time start + fraction * (target - start), from the references'
-    mean_travel_time; when `target` is missing, the first of TARGET_FALLBACKS present, said in the note;
-    (None, why) when the start or every target is missing."""
+    """(level, note): travel time start + fraction * (target - start), from the references' `metric`
+    (default mean_time_censored: every agent counted, so the random policy, which loses most agents,
+    is slow rather than fast over its few arrivals); when `target` is missing, the first of
+    TARGET_FALLBACKS present, said in the note; (None, why) when the start or every target is missing."""
 
     def tt(policy: str) -> float | None:
-        v = references.get(policy, {}).get("mean_travel_time")
+        v = references.get(policy, {}).get(metric)
         return v if v is not None and math.isfinite(v) else None
 
     t0 = tt(start)
     if t0 is None:
-        return None, f"no {start} travel time in the references: sample efficiency left out"
+        return None, f"no {start} {metric} in the references: sample efficiency left out"
     chosen = next((p for p in (target, *TARGET_FALLBACKS) if p != start and tt(p) is not None), None)
     if chosen is None:
         others = ", ".join(TARGET_FALLBACKS)
-        return None, f"no {target} (nor {others}) travel time in the references: sample efficiency left out"
+        return None, f"no {target} (nor {others}) {metric} in the references: sample efficiency left out"
     t1 = tt(chosen)
     assert t1 is not None
     note = "" if chosen == target else f"no {target} reference: sample efficiency measured towards {chosen} instead"
-    return Level(t0 + fraction * (t1 - t0), fraction, start, chosen, t0, t1, chosen != target), note
+    return Level(t0 + fraction * (t1 - t0), fraction, start, chosen, t0, t1, chosen != target, metric), note
 
 
 def steps_or_inf(steps: float) -> float:

@@ -89,12 +89,15 @@ def mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 200
     return Band(grid, mean, mean - half, mean + half, n)
 
 
-def time_to_threshold(run: RunData, threshold: float, window: int = FINAL_WINDOW) -> tuple[float, float]:
-    """(env steps, wall s) when the trailing `window`-iteration mean travel time first is <= threshold.
+def time_to_threshold(
+    run: RunData, threshold: float, window: int = FINAL_WINDOW, metric: str = "mean_travel_time"
+) -> tuple[float, float]:
+    """(env steps, wall s) when the trailing `window`-iteration mean of `metric` (a travel time) first is
+    <= threshold.
 
     Smoothed like the final value so that one lucky iteration does not count; NaN if never reached.
     """
-    tt = run.metric("mean_travel_time")
+    tt = run.metric(metric)
     n = len(tt)
     if n == 0:
         return math.nan, math.nan

@@ -20,6 +20,7 @@ from .load import Dump, Group, RunData, last_finite
 from .robust import (
     BOOTSTRAP_REPS,
     BOOTSTRAP_SEED,
+    EFFICIENCY_METRIC,
     TARGET_POLICY,
     Interval,
     Level,
@@ -240,6 +241,7 @@ class RobustOptions:
     focus: str | None = None  # group label or algorithm; None: DEFAULT_FOCUS if the sweep has it
     fraction: float = 0.5  # sample efficiency: this fraction of the way from random to DUE travel time
     target: str = TARGET_POLICY
+    metric: str = EFFICIENCY_METRIC  # the travel time of the sample-efficiency level
     reps: int = BOOTSTRAP_REPS
     seed: int = BOOTSTRAP_SEED
 
@@ -286,7 +288,7 @@ def compare(
     opt = options or RobustOptions()
     boot = {"reps": opt.reps, "seed": opt.seed}
     focus = resolve_focus(groups, opt.focus)
-    level, level_note = efficiency_level(references, opt.fraction, opt.target)
+    level, level_note = efficiency_level(references, opt.fraction, opt.target, metric=opt.metric)
     # one value per run: training finals over the last `window` iterations; held out, the run's last
     # evaluation (its final one: the iterations between evaluations are NaN), NaN if it never evaluated
     finals = {
@@ -311,7 +313,7 @@ def compare(
             if f is not g
         }
         if level is not None:
-            steps = [steps_or_inf(time_to_threshold(r, level.value, window)[0]) for r in g.runs]
+            steps = [steps_or_inf(time_to_threshold(r, level.value, window, level.metric)[0]) for r in g.runs]
             _put(row, "steps_to_level_iqm", iqm_interval([steps], **boot))
             row["level_reached"] = f"{sum(math.isfinite(s) for s in steps)}/{len(steps)}"
         row["iterations_mean"], _, _ = mean_std([float(r.n_iterations) for r in g.runs])
@@ -373,8 +375,8 @@ def _columns(cmp: Comparison) -> list[tuple[str, str]]:
     if cmp.level is not None:
         lv = cmp.level
         cols += [
-            (f"env steps to {lv.label} ({lv.value:g} s)", "steps_to_level_iqm"),
-            (f"reached {lv.value:g} s", "level_reached"),
+            (f"env steps to {lv.label} ({_g1(lv.value)} s)", "steps_to_level_iqm"),
+            (f"reached {_g1(lv.value)} s", "level_reached"),
         ]
     if cmp.threshold is not None:
         cols += [
@@ -408,6 +410,17 @@ def _cell(row: dict[str, Any], key: str) -> str:
     if key in ("env_steps_mean", "iterations_mean", "wall_s_mean"):
         return fmt_num(v, 0 if key != "wall_s_mean" else 1)
     return "-" if v is None or v == "" else str(v)
+
+
+def _g1(v: float) -> str:
+    """Seconds to 0.1 s, without trailing zeros (540, 498.9)."""
+    return f"{round(v, 1):g}"
+
+
+_METRIC_WORDS = {
+    "mean_time_censored": "travel time with every agent counted (an unfinished one until the horizon)",
+    "mean_travel_time": "travel time of the agents that arrived",
+}
 
 
 def compare_notes(cmp: Comparison) -> list[str]:
@@ -445,12 +458,13 @@ def compare_notes(cmp: Comparison) -> list[str]:
     lv = cmp.level
     if lv is not None:
         notes.append(
-            f"Sample efficiency: env steps at which a run's trailing {w}-iteration mean travel time first is <= "
-            f"{lv.value:g} s, {lv.fraction:g} of the way from {lv.start} ({lv.start_value:g} s) to {lv.target} "
+            f"Sample efficiency: env steps at which a run's trailing {w}-iteration mean {_METRIC_WORDS[lv.metric]} "
+            f"first is <= {_g1(lv.value)} s, {lv.fraction:g} of the way from {lv.start} ({_g1(lv.start_value)} s) to "
+            f"{lv.target} ({_g1(lv.target_value)} s) (the references' same metric on the runs' scenarios); "
             f"({lv.target_value:g} s); IQM [{ci}]. A run that never gets there counts as infinitely many steps "
             "(worst), so it can only make its group look slower: the IQM reads 'never' when a seed it keeps "
             "never got there (below 4 seeds: any seed), a CI bound '∞' when resamples do. "
-            f"'reached {lv.value:g} s': runs that got there / runs."
+            f"'reached {_g1(lv.value)} s': runs that got there / runs."
         )
     if cmp.threshold is not None:
         notes.append(f"Threshold: trailing {w}-iteration mean travel time <= {cmp.threshold:g} s "

@@ -30,7 +30,7 @@ OBS_DIM, A_MAX = 36, 4
 SCALE_M = 1000.0  # scale_m of the fake map manifest the synthetic configs point at
 SHIFT_M = 50.0  # expert positions = agent positions + this in x: DTW = SHIFT_M / SCALE_M exactly
 KAPPA = 5.0
-EXTRA = ("ranks", "external_change_max", "decisions")
+EXTRA = ("ranks", "external_change_max", "decisions", "mean_time_censored")
 N_IT = 12
 
 
@@ -104,6 +104,7 @@ def write_dump(
                 "env_steps": 1000.0 * (it + 1),
                 "wall_s": 2.0 * (it + 1) * n_agents / 4,
                 "mean_travel_time": travel_time(it, seed) + tt_offset,
+                "mean_time_censored": travel_time(it, seed) + tt_offset,  # every agent arrives here
                 "arrival_rate": min(1.0, 0.3 + 0.05 * it),
                 "mean_return": -10.0 + 0.5 * it,
                 "ranks": 1.0,
@@ -129,9 +130,9 @@ def write_dump(
 
 
 REFERENCES = {
-    "shortest_path": {"mean_travel_time": 400.0, "arrival_rate": 1.0, "mean_return": 0.5},
-    "random": {"mean_travel_time": 700.0, "arrival_rate": 0.4, "mean_return": -12.0},
-    "due": {"mean_travel_time": 380.0, "arrival_rate": 1.0, "mean_return": 1.0},
+    "shortest_path": {"mean_travel_time": 400.0, "mean_time_censored": 400.0, "arrival_rate": 1.0, "mean_return": 0.5},
+    "random": {"mean_travel_time": 700.0, "mean_time_censored": 700.0, "arrival_rate": 0.4, "mean_return": -12.0},
+    "due": {"mean_travel_time": 380.0, "mean_time_censored": 380.0, "arrival_rate": 1.0, "mean_return": 1.0},
 }
 
 
@@ -325,7 +326,7 @@ def test_compare_robust_statistics(sweep, tmp_path, capsys):
 
 def test_compare_sample_efficiency_never_reached_and_fallback(sweep, tmp_path, capsys):
     refs = tmp_path / "refs.json"
-    refs.write_text(json.dumps({"random": {"mean_travel_time": 700.0}, "due": {"mean_travel_time": 345.0}}))
+    refs.write_text(json.dumps({"random": {"mean_time_censored": 700.0}, "due": {"mean_time_censored": 345.0}}))
     rc, out, _ = run_cli(capsys, "compare", sweep, "--references", refs, "--efficiency-fraction", "1")
     assert rc == 0 and "env steps to 1 of random→due (345 s)" in out
     # ippo seeds' last trailing means are 330, 340, 350 s: seed 2 never gets to 345 s, and with 3 seeds
@@ -338,7 +339,7 @@ def test_compare_sample_efficiency_never_reached_and_fallback(sweep, tmp_path, c
     assert "no due reference: sample efficiency measured towards shortest_path instead" in out
     refs.write_text(json.dumps({"shortest_path": REFERENCES["shortest_path"]}))
     rc, out, _ = run_cli(capsys, "compare", sweep, "--references", refs)
-    assert "env steps to 0.5" not in out and "no random travel time in the references" in out
+    assert "env steps to 0.5" not in out and "no random mean_time_censored in the references" in out
 
 
 def test_compare_names_a_corrupt_run_and_tabulates_the_rest(sweep, tmp_path, capsys):

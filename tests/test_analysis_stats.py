@@ -107,16 +107,38 @@ def test_probability_of_improvement_averages_over_tasks():
 def test_efficiency_level_from_random_to_due_and_its_fallback():
     refs = {"random": {"mean_travel_time": 700.0}, "due": {"mean_travel_time": 380.0},
             "shortest_path": {"mean_travel_time": 400.0}}  # fmt: skip
-    level, note = efficiency_level(refs, 0.5)
+    tt = "mean_travel_time"
+    level, note = efficiency_level(refs, 0.5, metric=tt)
     assert level is not None and note == ""
     assert level.value == 540.0 and (level.start, level.target, level.fallback) == ("random", "due", False)
-    assert efficiency_level(refs, 0.25)[0].value == 620.0
+    assert efficiency_level(refs, 0.25, metric=tt)[0].value == 620.0
     del refs["due"]
-    level, note = efficiency_level(refs, 0.5)
+    level, note = efficiency_level(refs, 0.5, metric=tt)
     assert level.value == 550.0 and level.target == "shortest_path" and level.fallback
     assert "no due reference" in note and "shortest_path" in note
-    level, note = efficiency_level({"due": {"mean_travel_time": 380.0}}, 0.5)
-    assert level is None and "no random travel time" in note
+    level, note = efficiency_level({"due": {tt: 380.0}}, 0.5, metric=tt)
+    assert level is None and "no random mean_travel_time" in note
+
+
+def test_efficiency_level_counts_every_agent_by_default():
+    # random loses most agents: fast over its few arrivals, slow with every agent counted
+    refs = {"random": {"mean_travel_time": 560.0, "mean_time_censored": 1040.0},
+            "due": {"mean_travel_time": 440.0, "mean_time_censored": 440.0}}  # fmt: skip
+    level, _ = efficiency_level(refs, 0.5)
+    assert level is not None and level.metric == "mean_time_censored" and level.value == 740.0
+    assert efficiency_level(refs, 0.5, metric="mean_travel_time")[0].value == 500.0
+    level, note = efficiency_level({k: {"mean_travel_time": v["mean_travel_time"]} for k, v in refs.items()}, 0.5)
+    assert level is None and "no random mean_time_censored in the references" in note
+
+
+def test_steps_to_level_reads_the_levels_metric():
+    n = 6
+    metrics = {"iteration": np.arange(n, dtype=np.float64), "env_steps": 100.0 * np.arange(1, n + 1),
+               "wall_s": np.arange(1.0, n + 1), "mean_travel_time": np.full(n, 300.0),
+               "mean_time_censored": np.array([900, 800, 700, 600, 500, 400], np.float64)}  # fmt: skip
+    run = RunData(Path("x.h5"), {"algorithm": "ippo"}, metrics, {}, 4)
+    assert time_to_threshold(run, 650.0, window=1)[0] == 100.0  # default metric: mean_travel_time, 300 s
+    assert time_to_threshold(run, 650.0, window=1, metric="mean_time_censored")[0] == 400.0
 
 
 def curve_run(tt: list[float], steps_per_iteration: float = 100.0) -> RunData:
