@@ -380,8 +380,8 @@ def _columns(cmp: Comparison) -> list[tuple[str, str]]:
         ]
     if cmp.threshold is not None:
         cols += [
-            (f"env steps to {cmp.threshold:g} s", "steps_to_threshold"),
-            (f"wall time to {cmp.threshold:g} s (s)", "wall_to_threshold"),
+            (f"env steps to {_g1(cmp.threshold)} s", "steps_to_threshold"),
+            (f"wall time to {_g1(cmp.threshold)} s (s)", "wall_to_threshold"),
             ("reached", "reached"),
         ]
     cols += [("iterations", "iterations_mean"), ("env steps", "env_steps_mean"), ("wall time (s)", "wall_s_mean")]
@@ -467,7 +467,7 @@ def compare_notes(cmp: Comparison) -> list[str]:
             f"'reached {_g1(lv.value)} s': runs that got there / runs."
         )
     if cmp.threshold is not None:
-        notes.append(f"Threshold: trailing {w}-iteration mean travel time <= {cmp.threshold:g} s "
+        notes.append(f"Threshold: trailing {w}-iteration mean travel time <= {_g1(cmp.threshold)} s "
                      "(mean ± std over the seeds that reached it).")  # fmt: skip
     return notes + cmp.notes
 
