@@ -30,7 +30,7 @@ OBS_DIM, A_MAX = 36, 4
 SCALE_M = 1000.0  # scale_m of the fake map manifest the synthetic configs point at
 SHIFT_M = 50.0  # expert positions = agent positions + this in x: DTW = SHIFT_M / SCALE_M exactly
 KAPPA = 5.0
-EXTRA = ("ranks", "external_change_max", "decisions", "mean_time_censored")
+EXTRA = ("ranks", "external_change_max", "decisions")
 N_IT = 12
 
 
@@ -91,12 +91,16 @@ def write_dump(
     sed: bool = False,
     hpo_metrics: bool = True,
     tt_offset: float = 0.0,
+    censored: bool = False,
 ) -> Path:
-    """A dump through the real writer: rows, SED programs and metrics following a known curve."""
+    """A dump through the real writer: rows, SED programs and metrics following a known curve. `censored`:
+    also the travel time with every agent counted (the same curve: every agent arrives here), an extra
+    metric left out by default so the byte layout test_damaged_dumps.py cuts into stays the same."""
     n_agents, seed = cfg["env"]["n_agents"], cfg["seed"]
     path.parent.mkdir(parents=True, exist_ok=True)
+    extra = (*EXTRA, "mean_time_censored") if censored else EXTRA
     with TrajectoryWriter(
-        path, config_yaml=yaml.safe_dump(cfg), obs_dim=OBS_DIM, a_max=A_MAX, extra_metrics=EXTRA
+        path, config_yaml=yaml.safe_dump(cfg), obs_dim=OBS_DIM, a_max=A_MAX, extra_metrics=extra
     ) as w:
         for it in range(iterations):
             w.append_rows("agent", decision_rows(it, n_agents, steps))
@@ -104,11 +108,12 @@ def write_dump(
                 "env_steps": 1000.0 * (it + 1),
                 "wall_s": 2.0 * (it + 1) * n_agents / 4,
                 "mean_travel_time": travel_time(it, seed) + tt_offset,
-                "mean_time_censored": travel_time(it, seed) + tt_offset,  # every agent arrives here
                 "arrival_rate": min(1.0, 0.3 + 0.05 * it),
                 "mean_return": -10.0 + 0.5 * it,
                 "ranks": 1.0,
             }
+            if censored:
+                m["mean_time_censored"] = m["mean_travel_time"]
             if sed:
                 w.append_rows("expert", decision_rows(it, n_agents, steps, dx=SHIFT_M))
                 progs = []
@@ -148,12 +153,13 @@ def sweep(tmp_path_factory, map_dir) -> Path:
     """ippo (4 agents, 3 seeds; 8 agents, 2 seeds), reled-llm with and without feedback (2 seeds each)."""
     root = tmp_path_factory.mktemp("sweep")
     for s in range(3):
-        write_dump(root / f"ippo-s{s}" / "trajectories.h5", config(map_dir, "ippo", s))
+        write_dump(root / f"ippo-s{s}" / "trajectories.h5", config(map_dir, "ippo", s), censored=True)
     for s in range(2):
-        write_dump(root / f"ippo8-s{s}" / "trajectories.h5", config(map_dir, "ippo", s, n_agents=8))
-        write_dump(root / "reled" / f"fb-s{s}" / "trajectories.h5", config(map_dir, "reled", s), sed=True)
+        write_dump(root / f"ippo8-s{s}" / "trajectories.h5", config(map_dir, "ippo", s, n_agents=8), censored=True)
+        write_dump(root / "reled" / f"fb-s{s}" / "trajectories.h5", config(map_dir, "reled", s), sed=True,
+                   censored=True)  # fmt: skip
         write_dump(root / "reled" / f"nofb-s{s}" / "trajectories.h5",
-                   config(map_dir, "reled", s, feedback=False), sed=True, tt_offset=-20.0)  # fmt: skip
+                   config(map_dir, "reled", s, feedback=False), sed=True, tt_offset=-20.0, censored=True)  # fmt: skip
     (root / "references.json").write_text(json.dumps(REFERENCES))
     return root
 

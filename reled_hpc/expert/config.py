@@ -52,8 +52,7 @@ class SEDConfig:
     prime_prefix: Literal["auto", "on", "off"] = "off"
     """Send a round's shared prompt prefix first (1 token); auto: for vLLM. Off: measured no gain (docs/llm.md)."""
     template_version: str = "v3"
-    """Prompt template set: reled_hpc/expert/prompt_templates/<version>/ (v2: shared prefix first; v3, the
-    default: v2 with the live congestion after the MAP block, so the prefix also holds across cycles)."""
+    """Prompt template set: prompt_templates/<version>/ (v2: shared prefix first; v3: congestion after MAP too)."""
     measure_external: bool = True
     """Drive 1 + m extra episodes per cycle to measure the other agents' return change (a logged metric)."""
 
