@@ -11,6 +11,7 @@ from importlib import resources
 
 import numpy as np
 import pytest
+from test_prompts_v2 import _agents, _common
 
 from reled_hpc.expert.config import SEDConfig
 from reled_hpc.expert.prompts import (
@@ -30,19 +31,6 @@ from reled_hpc.expert.prompts import (
 SUBSET_MARK = "\n\n### SUBSET\n"
 TRAFFIC_MARK = "\n\n### TRAFFIC NOW\n"
 OCC_LINE = "Network occupancy now: mean "
-
-
-# as in test_prompts_v2 (tests/ is no package, so its helpers are not imported from there)
-def _common(a: str, b: str) -> int:
-    """Length of the longest common prefix of two strings."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
-
-
-def _agents(graph, n, seed, prefix):
-    rng = np.random.default_rng(seed)
-    e, d = rng.integers(0, graph.n_edges, n), rng.integers(0, graph.n_edges, n)
-    return [{"id": f"{prefix}{i}", "edge": int(a), "dest": int(b)} for i, (a, b) in enumerate(zip(e, d, strict=True))]
 
 
 def _cycle(graph, occ, version, sizes=(5, 7)):
