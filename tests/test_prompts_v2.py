@@ -32,18 +32,23 @@ def _agents(graph, n, seed, prefix):
     return [{"id": f"{prefix}{i}", "edge": int(a), "dest": int(b)} for i, (a, b) in enumerate(zip(e, d, strict=True))]
 
 
-def _cycle_prompts(graph, occ, sizes=(5, 7)):
-    """Round-1 v2 messages of the subsets of one cycle, built as LLMExpert builds them."""
+def _cycle(graph, occ, version="v2", sizes=(5, 7)):
+    """(map summary, round-1 code-mode messages of the subsets of one cycle), built as LLMExpert builds them."""
     total = sum(sizes)
     ms = summarise_map(graph, occ, map_name="helsinki", n_subsets=len(sizes), n_total=total)
     out = []
     for k, n in enumerate(sizes):
         s = summarise_subset(
             graph, _agents(graph, n, k, f"s{k}_"), occ, map_name="helsinki", subset=k + 1, n_subsets=len(sizes),
-            n_total=total, **SUMMARY_LIMITS["v2"],
+            n_total=total, **SUMMARY_LIMITS[version],
         )  # fmt: skip
-        out.append(build_plan_messages(s, "code", "v2", ms))
-    return out
+        out.append(build_plan_messages(s, "code", version, ms))
+    return ms, out
+
+
+def _cycle_prompts(graph, occ, sizes=(5, 7)):
+    """Round-1 v2 messages of the subsets of one cycle."""
+    return _cycle(graph, occ, "v2", sizes)[1]
 
 
 def test_v2_subsets_share_a_byte_identical_prefix_covering_all_but_the_subset_part(helsinki):

@@ -11,11 +11,10 @@ from importlib import resources
 
 import numpy as np
 import pytest
-from test_prompts_v2 import _agents, _common
+from test_prompts_v2 import _agents, _common, _cycle
 
 from reled_hpc.expert.config import SEDConfig
 from reled_hpc.expert.prompts import (
-    SUMMARY_LIMITS,
     AgentLine,
     Cluster,
     EdgeLine,
@@ -24,27 +23,12 @@ from reled_hpc.expert.prompts import (
     build_feedback_messages,
     build_plan_messages,
     render_map_summary,
-    summarise_map,
     summarise_subset,
 )
 
 SUBSET_MARK = "\n\n### SUBSET\n"
 TRAFFIC_MARK = "\n\n### TRAFFIC NOW\n"
 OCC_LINE = "Network occupancy now: mean "
-
-
-def _cycle(graph, occ, version, sizes=(5, 7)):
-    """Round-1 code-mode messages of the subsets of one cycle, built as LLMExpert builds them."""
-    total = sum(sizes)
-    ms = summarise_map(graph, occ, map_name="helsinki", n_subsets=len(sizes), n_total=total)
-    out = []
-    for k, n in enumerate(sizes):
-        s = summarise_subset(
-            graph, _agents(graph, n, k, f"s{k}_"), occ, map_name="helsinki", subset=k + 1, n_subsets=len(sizes),
-            n_total=total, **SUMMARY_LIMITS[version],
-        )  # fmt: skip
-        out.append(build_plan_messages(s, "code", version, ms))
-    return ms, out
 
 
 @pytest.fixture(scope="module")
