@@ -89,13 +89,12 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     per-run iteration times and learner-dependent times (update + comm + write) beside them."""
     out = dict(runs[0])
     learner_part = [r["update_s"] + r["comm_s"] + r["write_s"] for r in runs]
+    out["learner_part_s"] = round(float(np.median(learner_part)), 4)
     if len(runs) > 1:
         for k in ("iteration_s", *PARTS):
             out[k] = round(float(np.median([r[k] for r in runs])), 4)
         out["share"] = {k.removesuffix("_s"): round(out[k] / out["iteration_s"], 4) for k in PARTS}
         out["iteration_s_runs"] = [r["iteration_s"] for r in runs]
-    out["learner_part_s"] = round(float(np.median(learner_part)), 4)
-    if len(runs) > 1:
         out["learner_part_s_runs"] = [round(v, 4) for v in learner_part]
     return out
 
