@@ -161,7 +161,7 @@ class Level:
     start_value: float
     target_value: float
     fallback: bool  # target is not the one asked for (DUE missing from the references)
-    metric: str = "mean_time_censored"  # the runs' and references' travel-time metric it is a level of
+    metric: str = EFFICIENCY_METRIC  # the runs' and references' travel-time metric it is a level of
 
     @property
     def label(self) -> str:
