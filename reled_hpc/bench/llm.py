@@ -230,8 +230,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cycles", type=int, default=6, help="cycles (scenarios) with the v2 layout")
     p.add_argument(
         "--layout-version",
-        default="v3",
-        help="template set of the 'v2' (shared-prefix) side, default SED's v3; the output keys still say v2",
+        default=SEDConfig.template_version,
+        help="template set of the 'v2' (shared-prefix) side, default SED's; the output keys still say v2",
     )
     p.add_argument("--v1-cycles", type=int, default=2, help="of the same cycles, how many run with v1 too")
     p.add_argument("--tau-r", type=float, default=None, help="default: SEDConfig's")

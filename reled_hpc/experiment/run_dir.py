@@ -41,6 +41,7 @@ LOG_FILE = "train.log"
 LLM_SERVER_LOG = "llm_server.log"
 LLM_DIR = "llm"
 LOCK_FILE = ".lock"
+FAILURE_LOG = "failed.rank{rank:05d}.log"  # one per rank that took an MPI job down
 REPLACED_PREFIX = "replaced-"
 # what `train` itself writes: set aside together when a run that never committed is replaced (submitit/, llm/
 # and the requeue history belong to the job that submitted the run and stay)
@@ -104,7 +105,7 @@ class RunDir:
     def failure_log(self, rank: int) -> Path:
         """Where rank `rank` records the error that made it abort an MPI job: the launcher may drop the
         last lines of a rank's stderr when it kills the job, this file keeps them."""
-        return self.path / f"failed.rank{rank:05d}.log"
+        return self.path / FAILURE_LOG.format(rank=rank)
 
     @property
     def llm_server_log(self) -> Path:
@@ -158,7 +159,7 @@ class RunDir:
         None when there were none. Call with the lock held."""
         present = [self.path / name for name in RUN_FILES if (self.path / name).exists()]
         present += [p for p in self.dump_files() if p not in present]
-        present += sorted(self.path.glob("failed.rank*.log"))
+        present += sorted(self.path.glob(FAILURE_LOG.replace("{rank:05d}", "*")))
         if not present:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%S")
