@@ -115,13 +115,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(md, end="")
     for path, text in ((args.output, md), (args.csv, to_csv(cmp) if args.csv else "")):
         if path:
-            try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).write_text(text)
-            except OSError as exc:
-                raise ReledError(f"{path}: cannot write ({exc})") from exc
-            print(f"wrote {path}", file=sys.stderr)
+            _write(path, text)
     return 0
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise ReledError(f"{path}: cannot write ({exc})") from exc
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def cmd_sed(args: argparse.Namespace) -> int:
@@ -161,6 +165,15 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         _warn([f"{sweep.root}: only one agent count ({counts}); the scaling plot has one point per group"])
     save(plot_scaling(groups, args.title), out)
     print(f"wrote {out}: agent counts {counts}, {len(groups)} groups")
+    if args.table or args.csv:
+        from .scaling import scaling_csv, scaling_markdown, scaling_rows
+
+        rows, notes = scaling_rows(groups, args.efficiency_fraction)
+        md = scaling_markdown(rows, notes)
+        print(md, end="")
+        for path, text in ((args.table, md), (args.csv, scaling_csv(rows) if args.csv else "")):
+            if path:
+                _write(path, text)
     return 0
 
 
@@ -315,6 +328,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("sweep", metavar="SWEEP_DIR")
     k.add_argument("-o", "--output", required=True, metavar="OUT.png|svg|pdf", help="figure file")
     k.add_argument("--title", help="figure title")
+    k.add_argument("--table", metavar="OUT.md", help="also write the scaling table (analysis/scaling.py) as Markdown")
+    k.add_argument("--csv", metavar="OUT.csv", help="also write the scaling table as CSV")
+    k.add_argument("--efficiency-fraction", type=_fraction, default=0.5, metavar="F",
+                   help="table: env steps to F of the way from the untrained policy to the best final travel "
+                   "time of the same agent count (default 0.5)")  # fmt: skip
     k.set_defaults(func=cmd_scaling)
 
     r = asub.add_parser(

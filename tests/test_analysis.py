@@ -378,6 +378,15 @@ def test_scaling(sweep, tmp_path, capsys):
     rc, text, err = run_cli(capsys, "scaling", sweep, "-o", out)
     assert rc == 0 and out.stat().st_size > 10_000
     assert "agent counts [4, 8]" in text and "3 groups" in text and err == ""
+    # the table beside the figure (analysis/scaling.py; its values: test_analysis_scaling.py)
+    md, csv_path = tmp_path / "t" / "scaling.md", tmp_path / "scaling.csv"
+    rc, text, err = run_cli(capsys, "scaling", sweep, "-o", out, "--table", md, "--csv", csv_path)
+    assert rc == 0, err
+    table = md.read_text()
+    assert table in text and "| run group | agents |" in table
+    assert {ln.split(" | ")[1] for ln in table.splitlines() if ln.startswith("| ippo")} == {"4", "8"}
+    n_rows = sum(ln.startswith("| ") for ln in table.splitlines()) - 2
+    assert n_rows >= 4 and csv_path.read_text().count("\n") == 1 + n_rows
 
 
 def test_report_is_self_contained(sweep, tmp_path, capsys):
