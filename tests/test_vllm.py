@@ -131,8 +131,9 @@ def _cycle(vllm, mode: str, rounds: int) -> tuple[dict[str, Any], list[dict[str,
     base = ep.base_url[: -len("/v1")]
     before = {k: _metric(base, f"vllm:prefix_cache_{k}_total") for k in ("hits", "queries")}
     # tau 0: every plan is revised, so round 2 repeats round 1's prompt (the prefix vLLM caches)
+    # revision_mode program: a revision is the same kind of request as round 1 (choice revisions: test_llm_expert)
     sed = SEDConfig(m=2, mode=mode, r_max_rounds=rounds, tau_R=0.0, tau_P=0.0, max_tokens=MAX_TOKENS,
-                    measure_external=False)  # fmt: skip
+                    measure_external=False, revision_mode="program")  # fmt: skip
     cfg = EnvConfig(map="grid", n_agents=8, traffic="light", horizon_s=600.0, depart_window_s=20.0, min_trip_m=400.0)
     uniform = lambda obs, mask: np.where(mask, -np.log(mask.sum(1, keepdims=True).clip(min=1)), -1e9)  # noqa: E731
     with NavigationEnv(cfg) as env:

@@ -114,7 +114,10 @@ def _cycles(client: Any, env: NavigationEnv, sed: SEDConfig, seeds: list[int], p
         prompts += [p["prompt_tokens"] for p in progs if p["prompt_tokens"] >= 0]
         completions += [p["completion_tokens"] for p in progs if p["completion_tokens"] >= 0]
         above1 = st["rvi_max_round1"] > sed.tau_R or st["pdi_max_round1"] > sed.tau_P
-        improved = st["rvi_max"] < st["rvi_max_round1"] or st["pdi_max"] < st["pdi_max_round1"]
+        # improved: a revision changed the routes AND an index fell (an unchanged plan re-driven beside
+        # changed ones can score lower by traffic noise alone)
+        lower = st["rvi_max"] < st["rvi_max_round1"] or st["pdi_max"] < st["pdi_max_round1"]
+        improved = lower and st["revisions_changed_routes"] > 0
         rows.append(
             {
                 "seed": seed,
@@ -125,6 +128,7 @@ def _cycles(client: Any, env: NavigationEnv, sed: SEDConfig, seeds: list[int], p
                 "executed": st["programs_executed"],
                 "revisions": st["revisions"],
                 "revisions_changed_routes": st["revisions_changed_routes"],
+                "choice_revisions": st["choice_revisions"],
                 "rvi_round1": st["rvi_max_round1"],
                 "rvi_accepted": st["rvi_max"],
                 "pdi_round1": st["pdi_max_round1"],
@@ -237,6 +241,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau-r", type=float, default=None, help="default: SEDConfig's")
     p.add_argument("--tau-p", type=float, default=None, help="default: SEDConfig's")
     p.add_argument("--policy", choices=sorted(POLICIES), default="shortest", help="the policy PDI/RVI compare with")
+    p.add_argument("--revision-mode", choices=("choice", "program"), default=None,
+                   help="sed.revision_mode (default: SEDConfig's)")  # fmt: skip
     p.add_argument("--candidates", type=int, default=None, help="sed.revision_candidates (default: SEDConfig's)")
     p.add_argument("--max-tokens", type=int, default=None, help="sed.max_tokens (default: SEDConfig's)")
     p.add_argument("--threads", type=int, default=None, help="embedded server threads (default: half the cores)")
@@ -261,10 +267,13 @@ def sed_configs(args: argparse.Namespace) -> tuple[SEDConfig, SEDConfig]:
         over["revision_candidates"] = args.candidates
     if args.max_tokens is not None:
         over["max_tokens"] = args.max_tokens
+    if args.revision_mode is not None:
+        over["revision_mode"] = args.revision_mode
     v2 = replace(base, template_version=args.layout_version, **over)
     load_template("plan_code.txt", v2.template_version)  # an unknown version fails here, before any server starts
     # v1 as SED ran before: v1 layout, no stop sequence, revisions at temperature 0 (same thresholds)
-    v1 = replace(v2, template_version="v1", stop_at_fence=False, revision_temperature=0.0, revision_candidates=1)
+    v1 = replace(v2, template_version="v1", stop_at_fence=False, revision_temperature=0.0, revision_candidates=1,
+                 revision_mode="program")  # fmt: skip
     return v1, v2
 
 
@@ -314,6 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tau_P": v2.tau_P,
         "revision_temperature": v2.revision_temperature,
         "revision_candidates": v2.revision_candidates,
+        "revision_mode": v2.revision_mode,
         "request_latency_s_v1": _r(lat1),
         "request_latency_s_v2": _r(lat2),
         "request_latency_s_v2_same_cycles": _r(lat2_same),
@@ -330,6 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "execution_rate_v2": _r(r2["execution_rate"]),
         "revisions": revisions,
         "revisions_changed_routes_share": _r(changed / revisions) if revisions else None,
+        "choice_revisions": sum(c["choice_revisions"] for c in r2["cycles"]),
         "cycles": len(r2["cycles"]),
         "cycles_above_threshold_round1": len(above),
         "cycles_improved_share": _r(sum(c["improved"] for c in above) / len(above)) if above else None,

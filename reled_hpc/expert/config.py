@@ -49,6 +49,11 @@ class SEDConfig:
     """Sampling temperature of revisions (round >= 2, >= 0): at 0 a small model repeats its round-1 answer."""
     revision_candidates: int = 1
     """Answers sampled per revision and subset (>= 1); each is driven and scored, the best is kept."""
+    revision_mode: Literal["choice", "program"] = "choice"
+    # a failed program is always revised as a program: it has no routes to choose from (docs/sed.md)
+    """Revise a plan above a threshold by a choice of new routes for its top-KL agents, or as a program."""
+    revision_agents: int = 5
+    """Choice revisions: agents offered alternatives per revision, those with the largest KL (>= 1)."""
     prime_prefix: Literal["auto", "on", "off"] = "off"
     """Send a round's shared prompt prefix first (1 token); auto: for vLLM. Off: measured no gain (docs/llm.md)."""
     template_version: str = "v3"
@@ -59,6 +64,13 @@ class SEDConfig:
     def validate(self, where: str = "sed") -> None:
         require(isinstance(self.m, int) and self.m >= 1, f"{where}.m", f"must be an integer >= 1, got {self.m!r}")
         require(self.mode in ("code", "json"), f"{where}.mode", f"must be 'code' or 'json', got {self.mode!r}")
+        require(self.revision_mode in ("choice", "program"), f"{where}.revision_mode",
+                f"must be 'choice' or 'program', got {self.revision_mode!r}")  # fmt: skip
+        require(
+            isinstance(self.revision_agents, int) and self.revision_agents >= 1,
+            f"{where}.revision_agents",
+            f"must be an integer >= 1, got {self.revision_agents!r}",
+        )
         require(self.prime_prefix in ("auto", "on", "off"), f"{where}.prime_prefix",
                 f"must be auto, on or off, got {self.prime_prefix!r}")  # fmt: skip
         require(self.tau_R >= 0, f"{where}.tau_R", f"must be >= 0, got {self.tau_R}")

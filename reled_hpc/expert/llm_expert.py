@@ -23,6 +23,7 @@ from ..finite import finite_max
 from ..learn.rollout import Actor, Batch, collect_episode
 from ..llm import LLMError, LLMUnavailable
 from ..llm.client import DEFAULT_MAX_ANSWER_BYTES, Completion, LLMClient, Request, shared_prefix
+from ..llm.structured import parse_structured
 from ..sim.env import NavigationEnv
 from ..sim.policies import RouteActor
 from ..text import safe_text
@@ -34,6 +35,7 @@ from .prompts import (
     CODE_STOP,
     SUMMARY_LIMITS,
     ReplyFormatError,
+    build_choice_messages,
     build_feedback_messages,
     build_plan_messages,
     failed_reply_result,
@@ -42,6 +44,7 @@ from .prompts import (
     summarise_map,
     summarise_subset,
 )
+from .revision import AgentMenu, ChoiceError, apply_choices, build_menus, choice_schema, example_answer
 from .sandbox import SandboxResult, run_program, snapshot_from
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,20 @@ log = logging.getLogger(__name__)
 ROW_ERROR_BYTES = 4096  # a program row's error text (a sandbox traceback, an LLM request error)
 EXCERPT_BYTES = 300  # of the first bad answer, on the console once per cycle
 NOTED_DRIVERS = 3  # agents with the largest KL named, with their route, in a revision's feedback
+
+
+@dataclass
+class _Ask:
+    """One subset's request in one round: a plan (program or JSON plan) or, with `menus`, a choice
+    revision of the routes `base` (revision.py)."""
+
+    messages: list[dict[str, str]]
+    menus: list[AgentMenu] = field(default_factory=list)
+    base: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def choice(self) -> bool:
+        return bool(self.menus)
 
 
 @dataclass
@@ -64,6 +81,7 @@ class _Plan:
     pdi: float = math.nan
     drivers: dict[str, dict[str, float]] = field(default_factory=dict)
     routes_changed: bool = False  # a revision whose routes differ from its subset's previous answer's
+    choice: bool = False  # a choice revision's answer (revision.py), not a program
 
     @property
     def routes(self) -> dict[str, list[str]]:
@@ -160,7 +178,8 @@ class LLMExpert:
         results: list[SandboxResult] = []
         best: list[_Plan | None] = [None] * len(subsets)
         last: list[_Plan | None] = [None] * len(subsets)
-        pending = {k: first_msgs[k] for k in range(len(subsets))}
+        pending = {k: _Ask(first_msgs[k]) for k in range(len(subsets))}
+        learners: dict[str, list[str]] | None = None  # the greedy policy's routes, for choice revisions
         round1: list[_Plan] = []
         error = ""
         latencies: list[float] = []
@@ -170,7 +189,7 @@ class LLMExpert:
         bad: list[_Plan] = []  # answers that gave no valid plan, for one console line per cycle
         n_answers = 0
         drive: tuple[Batch, dict[str, Any], list[bool], dict[str, list[int]]] | None = None
-        revisions = changed = 0
+        revisions = changed = choices = 0
         for rnd in range(1, cfg.r_max_rounds + 1):
             n_cand = 1 if rnd == 1 else cfg.revision_candidates
             keys = list(pending)
@@ -212,6 +231,7 @@ class LLMExpert:
                 if rnd > 1:
                     revisions += 1
                     changed += int(chosen.routes_changed)
+                    choices += int(chosen.choice)
                 last[k] = chosen
                 if best[k] is None or chosen.rank() < best[k].rank():  # type: ignore[union-attr]
                     best[k] = chosen
@@ -221,9 +241,13 @@ class LLMExpert:
                 break
             # revise from the latest attempt while even the best one is not good enough; a cycle whose
             # subsets are all accepted stops here
-            pending = {k: self._feedback(last[k]) for k in range(len(subsets)) if self._needs_revision(best[k])}
-            if not pending:
+            revise = [k for k in range(len(subsets)) if self._needs_revision(best[k])]
+            if not revise:
                 break
+            by_choice = any(self._revisable_by_choice(self._revised(last[k], best[k])) for k in revise)
+            if by_choice and learners is None:  # one greedy-policy drive per cycle, only when a menu needs it
+                learners = self._learner_routes(env, seed, episode)
+            pending = {k: self._feedback(self._revised(last[k], best[k]), snaps[k], learners, rnd + 1) for k in revise}
 
         self._warn_bad_answers(seed, bad, n_answers)
         accepted = [p for p in best if p is not None]
@@ -252,6 +276,7 @@ class LLMExpert:
             "rounds": rounds,
             "revisions": revisions,  # subset revisions (round >= 2), the kept candidate of each
             "revisions_changed_routes": changed,  # of them, those whose routes differ from the previous answer
+            "choice_revisions": choices,  # of them, choice revisions (sed.revision_mode: choice)
             "subsets": len(subsets),
             "expert_agents": sum(len(r) for r in final_routes),
             "llm_rows": int(np.sum(llm_rows)),
@@ -277,7 +302,7 @@ class LLMExpert:
 
     def _ask(
         self,
-        messages: list[list[dict[str, str]]],
+        asks: list[_Ask],
         rnd: int = 1,
         cycle: int = 0,
         keys: list[int] | None = None,
@@ -288,16 +313,17 @@ class LLMExpert:
         is still reproducible (a resumed run asks the same)."""
         cfg = self.cfg
         temp = cfg.temperature if rnd == 1 else cfg.revision_temperature
-        keys = keys if keys is not None else list(range(len(messages)))
+        keys = keys if keys is not None else list(range(len(asks)))
         reqs = []
-        for i, m in enumerate(messages):
+        for i, ask in enumerate(asks):
             extra: dict[str, Any] = {}
-            if cfg.mode == "code" and cfg.stop_at_fence:
+            if cfg.mode == "code" and cfg.stop_at_fence and not ask.choice:
                 extra["stop"] = [CODE_STOP]
             if temp > 0:
                 k, c = keys[i // n_cand], i % n_cand
                 extra["seed"] = (self.seed * 1_000_003 + cycle * 10_007 + k * 101 + rnd * 7 + c) % (2**31)
-            reqs.append(Request(m, temp, cfg.max_tokens, self._schema, extra or None))
+            schema = choice_schema(ask.menus) if ask.choice else self._schema
+            reqs.append(Request(ask.messages, temp, cfg.max_tokens, schema, extra or None))
         self._prime([r.messages for r in reqs])
         out = self.client.complete_many(reqs, return_exceptions=True)
         if out and all(isinstance(o, LLMUnavailable) for o in out):
@@ -323,22 +349,63 @@ class LLMExpert:
             log.warning("priming the shared prompt prefix failed (%s); sending the requests unprimed", exc)
         self.prime_s += time.perf_counter() - t0
 
-    def _run(self, rnd: int, messages: list[dict[str, str]], ans: Any, snap: dict) -> _Plan:
+    def _run(self, rnd: int, ask: _Ask, ans: Any, snap: dict) -> _Plan:
         cfg = self.cfg
+        messages = ask.messages
         if isinstance(ans, BaseException):
             if not isinstance(ans, LLMError):
                 raise ans
             res = SandboxResult(None, safe_text(f"LLM request failed: {ans}", ROW_ERROR_BYTES), "llm_error", 0.0)
-            return _Plan(rnd, messages, "", res, None)
+            return _Plan(rnd, messages, "", res, None, choice=ask.choice)
         # the client caps and cleans answers; again here, so no client (a DeferredClient, a stand-in)
         # can hand the dump a raw one
         text = safe_text(ans.text, getattr(self.client, "max_answer_bytes", DEFAULT_MAX_ANSWER_BYTES))
+        if ask.choice:
+            return self._run_choice(rnd, ask, ans, text)
         try:
             source = program_from_reply(text, cfg.mode, self._schema)
         except ReplyFormatError as e:
             return _Plan(rnd, messages, text, failed_reply_result(e), ans)
         res = run_program(source, snap, cpu_s=cfg.cpu_s, wall_s=cfg.wall_s, mem_mb=cfg.mem_mb)
         return _Plan(rnd, messages, source, res, ans)
+
+    @staticmethod
+    def _run_choice(rnd: int, ask: _Ask, ans: Completion, text: str) -> _Plan:
+        """A choice revision's answer: the base routes with the chosen options; a malformed choice is a
+        failed answer (reason 'syntax') naming the agent and the value."""
+        parsed = ans.structured if ans.structured is not None else parse_structured(text, choice_schema(ask.menus))
+        try:
+            routes = apply_choices(ask.base, ask.menus, parsed.value)
+        except ChoiceError as e:
+            err = "; ".join(parsed.errors) if parsed.value is None and parsed.errors else str(e)
+            res = SandboxResult(None, safe_text(f"choice answer: {err}", ROW_ERROR_BYTES), "syntax", 0.0)
+            return _Plan(rnd, ask.messages, text, res, ans, choice=True)
+        return _Plan(rnd, ask.messages, text, SandboxResult(routes, None, None, 0.0), ans, choice=True)
+
+    def _learner_routes(self, env: NavigationEnv, seed: int, episode: int) -> dict[str, list[str]]:
+        """Every agent's route when all of them follow the greedy policy on this scenario (origin first;
+        cut short for an agent still driving at the horizon): the choice menus' 'learners' option."""
+        actor = RouteActor(env, {}, self.cfg.fallback, self.policy_log_probs)
+        collect_episode(env, actor, seed, episode)
+        ids = env.graph.edge_ids
+        return {a: [ids[e] for e in st.plan] for a, st in env.agents_state.items()}
+
+    @staticmethod
+    def _revised(last: _Plan | None, best: _Plan | None) -> _Plan | None:
+        """The plan a revision starts from: the latest answer, unless it was a choice that failed (the
+        plan in place is then still the best one)."""
+        if last is not None and last.choice and not last.result.executed:
+            return best
+        return last
+
+    def _revisable_by_choice(self, p: _Plan | None) -> bool:
+        return (
+            self.cfg.revision_mode == "choice"
+            and p is not None
+            and p.result.executed
+            and bool(p.routes)
+            and bool(p.drivers.get("PDI"))
+        )
 
     @staticmethod
     def _route_index(env: NavigationEnv, routes: list[dict[str, list[str]]]) -> dict[str, list[int]]:
@@ -434,25 +501,42 @@ class LLMExpert:
         cfg = self.cfg
         return (math.isfinite(p.rvi) and p.rvi > cfg.tau_R) or (math.isfinite(p.pdi) and p.pdi > cfg.tau_P)
 
-    def _feedback(self, p: _Plan | None) -> list[dict[str, str]]:
+    def _feedback(self, p: _Plan | None, snap: dict, learners: dict[str, list[str]] | None, round_no: int) -> _Ask:
         assert p is not None
+        if self._revisable_by_choice(p) and learners is not None:
+            menus = build_menus(snap, p.routes, p.drivers["PDI"], learners, self.cfg.revision_agents)
+            if menus:
+                indices = {k: v for k, v in (("RVI", p.rvi), ("PDI", p.pdi)) if math.isfinite(v)}
+                messages = build_choice_messages(
+                    p.messages,
+                    p.completion.text if p.completion is not None else p.text,
+                    indices,
+                    {"RVI": self.cfg.tau_R, "PDI": self.cfg.tau_P},
+                    [m.text() for m in menus],
+                    example_answer(menus),
+                    round_no=round_no,
+                    template_version=self.cfg.template_version,
+                )
+                return _Ask(messages, menus, p.routes)
         errors: list[str] = []
         if p.result.error:
             errors.append(p.result.error)
         errors += [f"agent {a}: {m}" for a, m in p.result.route_errors.items()]
         indices = {k: v for k, v in (("RVI", p.rvi), ("PDI", p.pdi)) if math.isfinite(v)}
-        return build_feedback_messages(
-            p.messages,
-            p.text,
-            indices,
-            {"RVI": self.cfg.tau_R, "PDI": self.cfg.tau_P},
-            p.drivers,
-            errors,
-            round_no=p.round + 1,
-            template_version=self.cfg.template_version,
-            agent_notes=self._agent_notes(p),
-            repeated=p.round > 1 and not p.routes_changed,
-            answer_text=p.completion.text if p.completion is not None else None,
+        return _Ask(
+            build_feedback_messages(
+                p.messages,
+                p.text,
+                indices,
+                {"RVI": self.cfg.tau_R, "PDI": self.cfg.tau_P},
+                p.drivers,
+                errors,
+                round_no=round_no,
+                template_version=self.cfg.template_version,
+                agent_notes=self._agent_notes(p),
+                repeated=p.round > 1 and not p.routes_changed,
+                answer_text=p.completion.text if p.completion is not None else None,
+            )
         )
 
     def _agent_notes(self, p: _Plan) -> list[str]:

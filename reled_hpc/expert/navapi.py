@@ -267,6 +267,12 @@ class NavAPI:
         """Fastest edge sequence (by live travel time) from `from_edge` to `to_edge`, both included."""
         return [self._ids[i] for i in self._path(self._edge(from_edge), self._edge(to_edge), "time", frozenset())]
 
+    def fastest_path_avoiding(self, from_edge: str, to_edge: str, avoid: Any) -> list[str]:
+        """fastest_path without entering `avoid` (edge ids). For the parent's revision menus (revision.py),
+        not in PUBLIC_API: programs have `avoid` and the move_* calls for this."""
+        banned = frozenset(self._edge(e) for e in avoid)
+        return [self._ids[i] for i in self._path(self._edge(from_edge), self._edge(to_edge), "time", banned)]
+
     def path_length(self, path: Any) -> float:
         """Metres driven along `path` (the edges entered: the first edge excluded)."""
         return sum(self._w["length"][self._edge(e)] for e in list(path)[1:])

@@ -46,6 +46,7 @@ __all__ = [
     "MapSummary",
     "ReplyFormatError",
     "SubsetSummary",
+    "build_choice_messages",
     "build_feedback_messages",
     "build_plan_messages",
     "estimate_tokens",
@@ -629,6 +630,70 @@ def _top(contrib: Any) -> list[tuple[str, float]]:
     return sorted(pairs, key=lambda p: -p[1])[:MAX_DRIVERS_SHOWN]
 
 
+def _index_lines(
+    indices: Mapping[str, float], thresholds: Mapping[str, float], hints: Mapping[str, Any]
+) -> tuple[list[str], list[str]]:
+    """One line per index (its value, threshold and state) and the indices above their threshold."""
+    vals = {_canon(k): float(v) for k, v in indices.items()}
+    taus = {_canon(k): float(v) for k, v in thresholds.items()}
+    lines, above = [], []
+    for k, v in vals.items():
+        desc = hints["describe"].get(k)
+        if k in taus:
+            tau = taus[k]
+            state = f"ABOVE by {_fmt(v - tau)}" if v > tau else "ok"
+            if v > tau:
+                above.append(k)
+            line = f"{k}_k = {_fmt(v)} (threshold {_TAU.get(k, k)} = {_fmt(tau)}): {state}"
+        else:
+            line = f"{k} = {_fmt(v)} (no threshold)"
+        lines.append(line + (f". {desc}" if desc else ""))
+    return lines, above
+
+
+def build_choice_messages(
+    previous_messages: Messages,
+    answer_text: str,
+    indices: Mapping[str, float],
+    thresholds: Mapping[str, float],
+    menus: Sequence[str],
+    example: str,
+    *,
+    round_no: int,
+    template_version: str = "v3",
+) -> Messages:
+    """A choice revision's messages (expert/revision.py): the round-1 system and user messages, the
+    previous answer as an assistant turn, and a FEEDBACK section (revise_choice.txt) listing each named
+    agent's alternative routes (`menus`, one rendered block per agent) and asking for {agent: letter}."""
+    if len(previous_messages) < 2 or previous_messages[0].get("role") != "system":
+        raise ValueError("previous_messages must be the [system, user, ...] messages of build_plan_messages")
+    if not menus:
+        raise ValueError("a choice revision needs at least one agent with alternatives")
+    base = previous_messages[1]["content"].split(FEEDBACK_MARKER, 1)[0]
+    index_lines, above = _index_lines(indices, thresholds, _hints(template_version))
+    verdict = (
+        f"It ran, but {' and '.join(above)} {'is' if len(above) == 1 else 'are'} above the threshold."
+        if above
+        else "It ran and every index is within its threshold."
+    )
+    section = Template(load_template("revise_choice.txt", template_version)).substitute(
+        round=round_no,
+        verdict=verdict,
+        indices=_lines(index_lines, "not computed"),
+        agents="\n\n".join(safe_text(m) for m in menus),
+        example=example,
+    )
+    answer = safe_text(answer_text)[: 2 * MAX_PROGRAM_CHARS]
+    if answer.count("```") % 2:  # cut by the stop sequence at its closing fence: close it again
+        answer += "\n```"
+    return [
+        {"role": "system", "content": previous_messages[0]["content"]},
+        {"role": "user", "content": base.rstrip()},
+        {"role": "assistant", "content": answer or "(no answer)"},
+        {"role": "user", "content": section.strip()},
+    ]
+
+
 def build_feedback_messages(
     previous_messages: Messages,
     program_text: str,
@@ -669,20 +734,7 @@ def build_feedback_messages(
     rnd = round_no if round_no is not None else (int(prior.group(1)) + 1 if prior else 2)  # round 1: the plan
     hints = _hints(template_version)
 
-    vals = {_canon(k): float(v) for k, v in indices.items()}
-    taus = {_canon(k): float(v) for k, v in thresholds.items()}
-    index_lines, above = [], []
-    for k, v in vals.items():
-        desc = hints["describe"].get(k)
-        if k in taus:
-            tau = taus[k]
-            state = f"ABOVE by {_fmt(v - tau)}" if v > tau else "ok"
-            if v > tau:
-                above.append(k)
-            line = f"{k}_k = {_fmt(v)} (threshold {_TAU.get(k, k)} = {_fmt(tau)}): {state}"
-        else:
-            line = f"{k} = {_fmt(v)} (no threshold)"
-        index_lines.append(line + (f". {desc}" if desc else ""))
+    index_lines, above = _index_lines(indices, thresholds, hints)
 
     driver_lines = []
     for k, contrib in drivers.items():
