@@ -42,7 +42,7 @@ def setup(grid):
     return graph, snap, [ids[e] for e in sp]
 
 
-def test_menu_lists_distinct_alternatives_never_the_current_route_ordered_by_time(setup):
+def test_menu_lists_distinct_alternatives_never_the_current_route_learners_first(setup):
     _, snap, sp = setup
     api = NavAPI(snap)
     fast = api.fastest_path(sp[0], sp[-1])
@@ -55,8 +55,7 @@ def test_menu_lists_distinct_alternatives_never_the_current_route_ordered_by_tim
     assert tuple(sp) not in routes and len(set(routes)) == len(routes) == 2
     assert set(routes) == {tuple(fast), tuple(learners)}
     assert [o.label for o in menu.options] == ["A", "B"]
-    times = [o.time_s for o in menu.options]
-    assert times == sorted(times)
+    assert menu.options[0].edges == tuple(learners)  # the learners' route is A (here as fast as B)
     for o in menu.options:  # every option is a connected route from the position to the destination
         assert o.edges[0] == api.position("a1") and o.edges[-1] == api.destination("a1")
         for u, v in zip(o.edges, o.edges[1:], strict=False):
@@ -72,6 +71,10 @@ def test_menu_lists_distinct_alternatives_never_the_current_route_ordered_by_tim
     # that is the current route again, so it is no option
     cut = agent_menu(api, "a1", sp, sp[:3], kl=1.7)
     assert cut is not None and all(LEARNERS not in o.what for o in cut.options)
+    # routes the agent already had this cycle are never offered again: here only the learners' route is left
+    again = agent_menu(api, "a1", sp, learners, kl=1.7, tried=[tuple(fast)])
+    assert again is not None and [o.edges for o in again.options] == [tuple(learners)]
+    assert agent_menu(api, "a1", sp, learners, kl=1.7, tried=[tuple(fast), tuple(learners)]) is None
 
 
 def test_no_menu_when_every_alternative_is_the_current_route(grid):

@@ -180,6 +180,7 @@ class LLMExpert:
         last: list[_Plan | None] = [None] * len(subsets)
         pending = {k: _Ask(first_msgs[k]) for k in range(len(subsets))}
         learners: dict[str, list[str]] | None = None  # the greedy policy's routes, for choice revisions
+        tried: list[dict[str, set[tuple[str, ...]]]] = [{} for _ in subsets]  # per subset: agent -> its routes
         round1: list[_Plan] = []
         error = ""
         latencies: list[float] = []
@@ -247,7 +248,17 @@ class LLMExpert:
             by_choice = any(self._revisable_by_choice(self._revised(last[k], best[k])) for k in revise)
             if by_choice and learners is None:  # one greedy-policy drive per cycle, only when a menu needs it
                 learners = self._learner_routes(env, seed, episode)
-            pending = {k: self._feedback(self._revised(last[k], best[k]), snaps[k], learners, rnd + 1) for k in revise}
+            for k in revise:  # every route an agent had this cycle: no menu offers it again
+                for cand in cands:
+                    if k in cand:
+                        for a, r in cand[k].routes.items():
+                            tried[k].setdefault(a, set()).add(tuple(r))
+            asks = {k: self._feedback(self._revised(last[k], best[k]), snaps[k], learners, rnd + 1, tried[k])
+                    for k in revise}  # fmt: skip
+            # None: a plan whose top-KL agents have no untried alternative left is kept as it is
+            pending = {k: a for k, a in asks.items() if a is not None}
+            if not pending:
+                break
 
         self._warn_bad_answers(seed, bad, n_answers)
         accepted = [p for p in best if p is not None]
@@ -390,10 +401,12 @@ class LLMExpert:
         ids = env.graph.edge_ids
         return {a: [ids[e] for e in st.plan] for a, st in env.agents_state.items()}
 
-    @staticmethod
-    def _revised(last: _Plan | None, best: _Plan | None) -> _Plan | None:
-        """The plan a revision starts from: the latest answer, unless it was a choice that failed (the
-        plan in place is then still the best one)."""
+    def _revised(self, last: _Plan | None, best: _Plan | None) -> _Plan | None:
+        """The plan a revision starts from. Choice revisions: the best plan so far (a choice that raised
+        the index is dropped, not built on). Program revisions: the latest answer, the model's own last
+        attempt, unless that was a choice that failed."""
+        if self._revisable_by_choice(best):
+            return best
         if last is not None and last.choice and not last.result.executed:
             return best
         return last
@@ -501,10 +514,17 @@ class LLMExpert:
         cfg = self.cfg
         return (math.isfinite(p.rvi) and p.rvi > cfg.tau_R) or (math.isfinite(p.pdi) and p.pdi > cfg.tau_P)
 
-    def _feedback(self, p: _Plan | None, snap: dict, learners: dict[str, list[str]] | None, round_no: int) -> _Ask:
+    def _feedback(
+        self,
+        p: _Plan | None,
+        snap: dict,
+        learners: dict[str, list[str]] | None,
+        round_no: int,
+        tried: dict[str, set[tuple[str, ...]]] | None = None,
+    ) -> _Ask | None:
         assert p is not None
         if self._revisable_by_choice(p) and learners is not None:
-            menus = build_menus(snap, p.routes, p.drivers["PDI"], learners, self.cfg.revision_agents)
+            menus = build_menus(snap, p.routes, p.drivers["PDI"], learners, self.cfg.revision_agents, tried)
             if menus:
                 indices = {k: v for k, v in (("RVI", p.rvi), ("PDI", p.pdi)) if math.isfinite(v)}
                 messages = build_choice_messages(
@@ -518,6 +538,7 @@ class LLMExpert:
                     template_version=self.cfg.template_version,
                 )
                 return _Ask(messages, menus, p.routes)
+            return None  # nothing left to choose: another request could only repeat a route
         errors: list[str] = []
         if p.result.error:
             errors.append(p.result.error)

@@ -6,7 +6,8 @@ feedback, it returned the same routes in 45 of 46 revisions (the same calls with
 broken program). A choice revision keeps the model's plan and asks, for each of the few agents with the
 largest KL, which of its alternatives it should drive instead: the route the learning agents take now,
 the shortest path, the fastest path on the cycle's congestion, and the fastest path avoiding the most
-congested edge of its current route (deduplicated; the current route is never an option). Each option
+congested edge of its current route (deduplicated; the current route is never an option; the learners'
+route is A, the others follow by live travel time). Each option
 comes with its length, live travel time and size, so the model trades demonstration quality (time)
 against divergence from the learners (KL); the answer is one JSON object {agent: letter}, constrained
 by a JSON schema where the server supports it, and validated here either way.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,11 +91,18 @@ def _congested_edge(api: NavAPI, route: Sequence[str]) -> str | None:
 
 
 def agent_menu(
-    api: NavAPI, agent: str, current: Sequence[str], learners: Sequence[str] | None, kl: float
+    api: NavAPI,
+    agent: str,
+    current: Sequence[str],
+    learners: Sequence[str] | None,
+    kl: float,
+    tried: Collection[tuple[str, ...]] = (),
 ) -> AgentMenu | None:
-    """The alternatives of one agent (see the module doc), ordered by live travel time and lettered;
-    None when every alternative is its current route."""
+    """The alternatives of one agent (see the module doc), lettered: the learners' route first, the
+    others by live travel time; routes in `tried` (this cycle's earlier routes of the agent) are left out,
+    so a revision never offers a way back; None when no alternative is left."""
     cur = list(current)
+    seen = {tuple(cur), *(tuple(t) for t in tried)}
     dest = api.destination(agent)
     start = api.position(agent)
     kinds: list[tuple[str, list[str] | None]] = []
@@ -113,12 +121,15 @@ def agent_menu(
             pass  # the destination is not reachable without it: no such option
     routes: dict[tuple[str, ...], list[str]] = {}
     for what, route in kinds:
-        if route is None or tuple(route) == tuple(cur):
+        if route is None or tuple(route) in seen:
             continue
         routes.setdefault(tuple(route), []).append(what)
     if not routes:
         return None
-    ranked = sorted(routes.items(), key=lambda kv: (api.path_time(list(kv[0])), len(kv[0]), kv[0]))
+    # the learners' route first, as A: it is what lowers the index the feedback is about; the others by time
+    ranked = sorted(
+        routes.items(), key=lambda kv: (LEARNERS not in kv[1], api.path_time(list(kv[0])), len(kv[0]), kv[0])
+    )
     options = tuple(
         RouteOption(label, edges, api.path_length(list(edges)), api.path_time(list(edges)), tuple(what))
         for label, (edges, what) in zip(string.ascii_uppercase, ranked[:MAX_OPTIONS], strict=False)
@@ -133,8 +144,11 @@ def build_menus(
     kl: Mapping[str, float],
     learner_routes: Mapping[str, Sequence[str]],
     n_agents: int,
+    tried: Mapping[str, Collection[tuple[str, ...]]] | None = None,
 ) -> list[AgentMenu]:
-    """Menus for the (at most) `n_agents` agents of the plan with the largest KL that have an alternative."""
+    """Menus for the (at most) `n_agents` agents of the plan with the largest KL that have an alternative
+    not in `tried[agent]`."""
+    tried = tried or {}
     api = NavAPI(snapshot)
     menus: list[AgentMenu] = []
     for agent, v in sorted(kl.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -142,7 +156,7 @@ def build_menus(
             break
         if agent not in routes or not math.isfinite(v):
             continue
-        menu = agent_menu(api, agent, routes[agent], learner_routes.get(agent), v)
+        menu = agent_menu(api, agent, routes[agent], learner_routes.get(agent), v, tried.get(agent, ()))
         if menu is not None:
             menus.append(menu)
     return menus
