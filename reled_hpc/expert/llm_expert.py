@@ -240,8 +240,8 @@ class LLMExpert:
                     round1.append(chosen)
             if not cfg.feedback or rnd == cfg.r_max_rounds:
                 break
-            # revise from the latest attempt while even the best one is not good enough; a cycle whose
-            # subsets are all accepted stops here
+            # revise while even the best plan is not good enough (from the plan `_revised` picks); a cycle
+            # whose subsets are all accepted stops here
             revise = [k for k in range(len(subsets)) if self._needs_revision(best[k])]
             if not revise:
                 break
