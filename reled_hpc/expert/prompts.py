@@ -651,6 +651,16 @@ def _index_lines(
     return lines, above
 
 
+def _assistant_turn(answer_text: str) -> str:
+    """The previous answer as a revision's assistant turn: safe, capped, its code fence closed."""
+    answer = safe_text(answer_text)
+    if len(answer) > 2 * MAX_PROGRAM_CHARS:  # a rambling answer: its cached state is not worth keeping whole
+        answer = answer[: 2 * MAX_PROGRAM_CHARS]
+    if answer.count("```") % 2:  # cut by the stop sequence at its closing fence: close it again
+        answer += "\n```"
+    return answer or "(no answer)"
+
+
 def build_choice_messages(
     previous_messages: Messages,
     answer_text: str,
@@ -683,13 +693,10 @@ def build_choice_messages(
         agents="\n\n".join(safe_text(m) for m in menus),
         example=example,
     )
-    answer = safe_text(answer_text)[: 2 * MAX_PROGRAM_CHARS]
-    if answer.count("```") % 2:  # cut by the stop sequence at its closing fence: close it again
-        answer += "\n```"
     return [
         {"role": "system", "content": previous_messages[0]["content"]},
         {"role": "user", "content": base.rstrip()},
-        {"role": "assistant", "content": answer or "(no answer)"},
+        {"role": "assistant", "content": _assistant_turn(answer_text)},
         {"role": "user", "content": section.strip()},
     ]
 
@@ -785,15 +792,10 @@ def build_feedback_messages(
     system = {"role": "system", "content": previous_messages[0]["content"]}
     if "$program" in load_template("feedback.txt", template_version):
         return [system, {"role": "user", "content": base.rstrip() + "\n\n" + feedback}]
-    answer = safe_text(answer_text if answer_text is not None else program_text)
-    if len(answer) > 2 * MAX_PROGRAM_CHARS:  # a rambling answer: its cached state is not worth keeping whole
-        answer = answer[: 2 * MAX_PROGRAM_CHARS]
-    if answer.count("```") % 2:  # cut by the stop sequence at its closing fence: close it again
-        answer += "\n```"
     return [
         system,
         {"role": "user", "content": base.rstrip()},
-        {"role": "assistant", "content": answer or "(no answer)"},
+        {"role": "assistant", "content": _assistant_turn(answer_text if answer_text is not None else program_text)},
         {"role": "user", "content": feedback},
     ]
 
