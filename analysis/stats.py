@@ -113,7 +113,7 @@ def time_to_threshold(
 
 # ---------------------------------------------------------------------------- SED programs
 PROGRAM_COLUMNS = ("iteration", "rank", "cycle", "subset", "round", "executed", "rvi", "pdi", "latency_s",
-                   "prompt_tokens", "completion_tokens")  # fmt: skip
+                   "prompt_tokens", "completion_tokens", "routes_changed")  # fmt: skip
 # text/error are left out: they are the only large program columns and no statistic needs them
 
 
@@ -132,7 +132,8 @@ def refinement_pairs(progs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     by: dict[tuple[int, int, int, int], list[int]] = {}
     for i, key in enumerate(keys):
         by.setdefault(key, []).append(i)
-    out: dict[str, list[float]] = {k: [] for k in ("iteration", "rounds", "rvi0", "pdi0", "rvi", "pdi")}
+    keys = ("iteration", "rounds", "rvi0", "pdi0", "rvi", "pdi", "changed")
+    out: dict[str, list[float]] = {k: [] for k in keys}
     for (it, *_), rows in sorted(by.items()):
         first = min(rows, key=lambda i: int(progs["round"][i]))
         # the expert's own preference; the dump does not keep route counts, so they do not tell plans apart
@@ -143,7 +144,23 @@ def refinement_pairs(progs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out["pdi0"].append(float(progs["pdi"][first]))
         out["rvi"].append(float(progs["rvi"][best]))
         out["pdi"].append(float(progs["pdi"][best]))
+        out["changed"].append(float(sum(int(progs["routes_changed"][i]) for i in rows)))  # revisions with new routes
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+def revision_stats(progs: dict[str, np.ndarray], pairs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What the RVI/PDI feedback did: revisions (rounds after the first), how many of them changed the
+    routes, and of the subset-cycles that were revised, how many kept a plan with a lower RVI or PDI than
+    round 1 through a revision that changed the routes (issue 13's 'cycles improved', per subset)."""
+    revised = pairs["rounds"] > 1
+    better = (pairs["rvi"] < pairs["rvi0"]) | (pairs["pdi"] < pairs["pdi0"])
+    revisions = progs["round"] > 1  # round 1 is the first answer
+    return {
+        "revisions": int(revisions.sum()),
+        "revisions_changed_routes": int(progs["routes_changed"][revisions].astype(bool).sum()),
+        "revised_subset_cycles": int(revised.sum()),
+        "improved_subset_cycles": int((revised & better & (pairs["changed"] > 0)).sum()),
+    }
 
 
 def sed_stats(run: RunData, progs: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -160,6 +177,7 @@ def sed_stats(run: RunData, progs: dict[str, np.ndarray]) -> dict[str, Any]:
             executed=summary.executed,
             execution_rate=summary.execution_rate,
             subset_cycles=len(pairs["iteration"]),
+            **revision_stats(progs, pairs),
             rounds_mean=finite_stat(pairs["rounds"], np.mean),
             rvi_before_mean=finite_stat(pairs["rvi0"], np.mean),
             rvi_before_max=finite_stat(pairs["rvi0"], np.max),

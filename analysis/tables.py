@@ -203,6 +203,12 @@ def summary_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
 
             lines += [
                 ("  programs", f"{sed['programs']:,} ({ex}), {rounds}"),
+                (
+                    "  revisions",
+                    f"{sed['revisions']:,}, {sed['revisions_changed_routes']:,} changed the routes; "
+                    f"{sed['improved_subset_cycles']:,} of {sed['revised_subset_cycles']:,} revised subset-cycles kept "
+                    "new routes with a lower RVI or PDI than round 1",
+                ),
                 ("  RVI round 1 -> kept (mean)", arrow("rvi_{}_mean")),
                 ("  RVI round 1 -> kept (max)", arrow("rvi_{}_max")),
                 ("  PDI round 1 -> kept (mean)", arrow("pdi_{}_mean", 3) + " nats"),

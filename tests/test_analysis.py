@@ -124,7 +124,8 @@ def write_dump(
                                   "completion_tokens": 200})  # fmt: skip
                     progs.append({"cycle": it, "subset": subset, "round": 2, "text": "def plan(api): return {}",
                                   "executed": True, "rvi": 30.0, "pdi": 0.3, "latency_s": 1.0,
-                                  "prompt_tokens": 1500, "completion_tokens": 100})  # fmt: skip
+                                  "prompt_tokens": 1500, "completion_tokens": 100,
+                                  "routes_changed": subset == 0})  # fmt: skip
                 w.append_programs(progs)
                 m.update(rvi_max=30.0, pdi_max=0.3, execution_rate=0.75, llm_latency_s=3.0,
                          external_change_max=10.0 + it)  # fmt: skip
@@ -243,6 +244,10 @@ def test_summary_table_and_json(sweep, capsys):
     assert table["arrival rate"] == "75.0 %" and table["mean return"] == "-5.50"
     assert table["programs"] == "48 (36 executed, 75.0 %), 24 subset-cycles, 2.00 rounds each"
     assert table["RVI round 1 -> kept (mean)"] == "100.00 -> 30.00"
+    # subset 1's revisions lowered the indices without new routes: not counted as improved
+    assert table["revisions"] == (
+        "24, 12 changed the routes; 12 of 24 revised subset-cycles kept new routes with a lower RVI or PDI than round 1"
+    )
     assert table["PDI round 1 -> kept (max)"] == "1.000 -> 0.300 nats"
     assert table["tokens"] == "60,000 prompt, 7,200 completion"
     assert table["LLM latency"] == "1.5 s per request (mean)"
