@@ -230,3 +230,32 @@ def test_queue_skipped_edge_checks_change_nothing(grid, monkeypatch):
     trace_all, metrics_all, n_checks_all = episode()
     assert n_checks < n_checks_all  # checks were skipped
     assert trace == trace_all and metrics == metrics_all
+
+
+def test_cached_choice_sets_give_the_same_episode(grid):
+    """Decisions read the per-(edge, destination) ChoiceSet cache: an episode on a warm cache is the one
+    on a cold cache, and the shared candidate arrays cannot be changed through an agent's state."""
+
+    def episode(env: NavigationEnv) -> list:
+        trace = []
+        policy = make_policy("random", env, seed=4)
+        obs, infos = env.reset(seed=9)
+        while not env.done:
+            trace.append([(a, obs[a].tobytes(), infos[a]["candidates"]) for a in sorted(obs)])
+            obs, rew, _, _, infos = env.step(actions(policy, env, obs, infos))
+            trace.append(sorted(rew.items()))
+        return trace
+
+    with NavigationEnv(_cfg(n_agents=20, traffic="medium"), grid) as env:
+        cold = episode(env)
+        warm_size = len(env._choice_cache)
+        assert warm_size > 0
+        warm = episode(env)
+        assert len(env._choice_cache) == warm_size  # the second episode only hit the cache
+        env._choice_cache.clear()
+        assert episode(env) == cold
+        obs, _ = env.reset(seed=9)
+        st = env.agents_state[next(iter(obs))]
+        with pytest.raises(ValueError, match="read-only"):
+            st.candidates[0] = 0
+    assert warm == cold

@@ -135,6 +135,24 @@ class AgentState:
     reason: str = ""
     candidates: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     cand_dist: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    choice: ChoiceSet | None = None  # the current decision's (None outside a decision)
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceSet:
+    """What a decision at the end of one edge towards one destination offers, and every part of its
+    observation that does not change over time (all but occupancy and relative speed); cached per
+    (edge, destination), so a repeated decision costs one dict lookup."""
+
+    candidates: np.ndarray  # read-only
+    dist: np.ndarray  # read-only: shortest distance to the goal from the start of each candidate
+    dist_goal: float  # min(dist)
+    names: tuple[str, ...]  # SUMO edge ids of the candidates
+    # per candidate: (edge, length_km, speed_n, max(speed limit, 0.1), dist / scale, detour, heading, is_goal)
+    rows: tuple[tuple[int, float, float, float, float, float, float, float], ...]
+
+
+CHOICE_CACHE_MAX = 200_000  # (edge, destination) pairs; ~1 KB each; cleared whole when full
 
 
 ENDED = ("arrived", "failed", "truncated")
@@ -196,6 +214,7 @@ class NavigationEnv:
         self._speed: list[float] = g.speed.tolist()
         # whole seconds a vehicle that just entered an edge stays on it at least, minus one of margin
         self._min_stay: list[int] = ((g.length / g.speed).astype(np.int64) - 1).tolist()
+        self._choice_cache: dict[int, ChoiceSet] = {}
         self._scalar_tables = (  # Python lists: scalar reads from lists are ~10x faster than from arrays
             (g.length / LENGTH_UNIT_M).tolist(),
             (g.speed / SPEED_UNIT).tolist(),
@@ -320,11 +339,14 @@ class NavigationEnv:
         return self._advance()
 
     # ---- decisions -----------------------------------------------------------------------------
-    def _candidates(self, st: AgentState) -> tuple[np.ndarray, np.ndarray]:
-        """The candidate edges and the shortest distance to the goal from the start of each."""
+    def _choice_set(self, edge: int, dest: int) -> ChoiceSet:
+        key = edge * self.graph.n_edges + dest
+        hit = self._choice_cache.get(key)
+        if hit is not None:
+            return hit
         g = self.graph
-        succ = g.successors(st.plan[-1])
-        cost = g.cost_to(st.trip.dest)[succ]
+        succ = g.successors(edge)
+        cost = g.cost_to(dest)[succ]
         # only ways on from which the goal can still be reached (all of them on a strongly connected map);
         # a list test: numpy's reductions cost more than the few successors they would scan
         if np.inf in cost.tolist():
@@ -334,7 +356,33 @@ class NavigationEnv:
         if len(succ) > self.config.a_max:  # keep the a_max closest to the goal (documented cap)
             keep = np.argsort(dist, kind="stable")[: self.config.a_max]
             succ, dist = succ[keep], dist[keep]
-        return succ, dist
+        succ.flags.writeable = False
+        dist.flags.writeable = False
+        length_km, speed_n, speed, start_xy, end_xy, head = self._scalar_tables
+        cands, dists = succ.tolist(), dist.tolist()
+        dist_goal = min(dists) if dists else 0.0
+        gx, gy = end_xy[dest]
+        rows = []
+        for c, d in zip(cands, dists, strict=True):
+            sx, sy = start_xy[c]
+            tx, ty = gx - sx, gy - sy
+            norm = (tx * tx + ty * ty) ** 0.5
+            hx, hy = head[c]
+            rows.append((
+                c,
+                length_km[c],
+                speed_n[c],
+                max(speed[c], 0.1),
+                d / g.scale,
+                (d - dist_goal) / LENGTH_UNIT_M,
+                (hx * tx + hy * ty) / norm if norm > 1e-6 else 1.0,
+                1.0 if c == dest else 0.0,
+            ))  # fmt: skip
+        cs = ChoiceSet(succ, dist, dist_goal, tuple(g.edge_ids[c] for c in cands), tuple(rows))
+        if len(self._choice_cache) >= CHOICE_CACHE_MAX:
+            self._choice_cache.clear()
+        self._choice_cache[key] = cs
+        return cs
 
     def _apply(self, aid: str, st: AgentState, act: Any) -> None:
         n = len(st.candidates)
@@ -548,7 +596,8 @@ class NavigationEnv:
         infos: dict[str, dict[str, Any]] = {}
         no_mask = np.zeros(cfg.a_max, dtype=bool)
         for st in list(self._deciding.values()):
-            st.candidates, st.cand_dist = self._candidates(st)
+            st.choice = cs = self._choice_set(st.plan[-1], st.trip.dest)
+            st.candidates, st.cand_dist = cs.candidates, cs.dist
             if len(st.candidates) == 0:  # only on maps that are not strongly connected
                 if st.in_sumo:
                     import libsumo
@@ -585,7 +634,7 @@ class NavigationEnv:
                 truncs[aid] = False
                 infos[aid] = {
                     "action_mask": masks[i],
-                    "candidates": [ids[c] for c in st.candidates.tolist()],
+                    "candidates": list(st.choice.names),
                     "edge": ids[st.plan[-1]],
                     "xy": self._position(st),
                     "status": "deciding",
@@ -615,44 +664,29 @@ class NavigationEnv:
 
     def _observe_batch(self, sts: list[AgentState]) -> tuple[np.ndarray, np.ndarray]:
         """Observations and masks of the deciding agents. Plain Python over scalars: batches are a
-        few agents with <= a_max candidates each, where numpy's per-call cost would dominate."""
+        few agents with <= a_max candidates each, where numpy's per-call cost would dominate; the
+        static part of each candidate's row comes from the agent's cached ChoiceSet."""
         cfg = self.config
-        length_km, speed_n, speed, start_xy, end_xy, head = self._scalar_tables
         scale, horizon, a_max = self.graph.scale, cfg.horizon_s, cfg.a_max
         stats, live_stats = self._edge_stats, self.live_stats
         pad = [0.0] * len(CAND_FEATURES)
         flat: list[float] = []  # all rows: one conversion to an array
         masks = np.zeros((len(sts), a_max), dtype=bool)
+        now = self.time
         for i, st in enumerate(sts):
-            cands = st.candidates.tolist()
-            dists = st.cand_dist.tolist()
-            k = len(cands)
+            cs = st.choice
+            k = len(cs.rows)
             masks[i, :k] = True
-            dest = st.trip.dest
-            gx, gy = end_xy[dest]
-            dist_goal = min(dists)
+            dist_goal = cs.dist_goal
             flat += (
                 1.0 - dist_goal / max(st.start_cost, 1.0),
-                (self.time - st.trip.depart) / horizon,
+                (now - st.trip.depart) / horizon,
                 dist_goal / scale,
                 k / a_max,
             )
-            for c, d in zip(cands, dists, strict=True):
+            for c, length_km, speed_n, speed, dist_n, detour, heading, is_goal in cs.rows:
                 occ, spd = stats.get(c) or live_stats(c)
-                sx, sy = start_xy[c]
-                tx, ty = gx - sx, gy - sy
-                norm = (tx * tx + ty * ty) ** 0.5
-                hx, hy = head[c]
-                flat += (
-                    length_km[c],
-                    speed_n[c],
-                    occ,
-                    spd / max(speed[c], 0.1),
-                    d / scale,
-                    (d - dist_goal) / LENGTH_UNIT_M,
-                    (hx * tx + hy * ty) / norm if norm > 1e-6 else 1.0,
-                    1.0 if c == dest else 0.0,
-                )
+                flat += (length_km, speed_n, occ, spd / speed, dist_n, detour, heading, is_goal)
             flat += pad * (a_max - k)
         return np.array(flat, dtype=np.float32).reshape(len(sts), cfg.obs_dim), masks
 
