@@ -100,6 +100,16 @@ def test_dump_contract_and_run_folder(tmp_path, grid):
         assert rows["obs"].shape[1] == r.obs_dim
         assert np.all(rows["action_mask"][np.arange(len(rows["action"])), rows["action"]])  # chosen actions are valid
         assert np.all(m["env_steps"][1:] > m["env_steps"][:-1])
+        nxt = r.read("agent", columns=["iteration", "obs", "action_mask", "action", "logp"])
+    # the policy `bench llm --policy-checkpoint` loads is the one that acted in the next iteration
+    from reled_hpc.bench.llm import checkpoint_policy
+
+    sel = nxt["iteration"] == 2
+    logp = checkpoint_policy(run_dir / "checkpoints" / "ckpt_000001.pt", 4)(nxt["obs"][sel], nxt["action_mask"][sel])
+    taken = logp[np.arange(sel.sum()), nxt["action"][sel]]
+    np.testing.assert_allclose(taken, nxt["logp"][sel], atol=1e-5)
+    with pytest.raises(ReledError, match=r"env\.a_max = 4, the bench.s env has 5"):
+        checkpoint_policy(run_dir / "checkpoints" / "ckpt_000001.pt", 5)
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

@@ -21,6 +21,7 @@ import re
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,34 @@ def shortest_policy(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 POLICIES = {"uniform": uniform_policy, "shortest": shortest_policy}
+
+
+def checkpoint_policy(path: Path, a_max: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A trained policy from a run's checkpoint (`RUN/checkpoints/ckpt_*.pt`, PPO family: IPPO, MAPPO,
+    RELED), giving SED the log-probabilities the trainer gives it at that iteration."""
+    from ..errors import ReledError
+    from ..experiment.algorithms import get_algorithm
+    from ..experiment.config import load_config
+    from ..experiment.train import Trainer
+    from ..learn.losses import policy_log_probs
+
+    run_config = path.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ReledError(f"{path}: not in a run folder (no {run_config}): pass RUN/checkpoints/ckpt_*.pt")
+    cfg = load_config(run_config)
+    algo = get_algorithm(cfg.algorithm)
+    if algo.section != "ppo":
+        raise ReledError(f"{path}: a {cfg.algorithm} checkpoint; only the PPO family (ippo, mappo, reled) has a policy")
+    if cfg.env.a_max != a_max:
+        raise ReledError(f"{path}: trained with env.a_max = {cfg.env.a_max}, the bench's env has {a_max}")
+    learner = algo.make_learner(cfg, len(NavigationEnv.GLOBAL_FEATURES))
+    learner.load_state_dict(Trainer.load_checkpoint(path)["learner"])
+    net = learner.net
+
+    def policy(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return policy_log_probs(net, obs, mask)
+
+    return policy
 
 
 def prompt_eval_tokens(log_text: str) -> list[int]:
@@ -100,11 +129,12 @@ class _Recorder:
         return getattr(self._client, name)
 
 
-def _cycles(client: Any, env: NavigationEnv, sed: SEDConfig, seeds: list[int], policy: str) -> dict[str, Any]:
+def _cycles(client: Any, env: NavigationEnv, sed: SEDConfig, seeds: list[int],
+            policy: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict[str, Any]:  # fmt: skip
     rows, latencies, prompts, completions = [], [], [], []
     client = _Recorder(client)
     for seed in seeds:
-        expert = LLMExpert(client, replace(sed), POLICIES[policy], seed=seed)
+        expert = LLMExpert(client, replace(sed), policy, seed=seed)
         t0 = time.perf_counter()
         _, st = expert.demonstrate(env, seed, 0)
         wall = time.perf_counter() - t0
@@ -168,7 +198,11 @@ def _layout(args: argparse.Namespace, sed: SEDConfig, seeds: list[int], label: s
             ep = srv.endpoint
         env = stack.enter_context(NavigationEnv(env_cfg))
         # one request at a time: a request's latency is its own, not time queued behind another subset's
-        out = _cycles(ep.client(max_concurrency=1, cache=None), env, sed, seeds, args.policy)
+        if args.policy_checkpoint:
+            policy = checkpoint_policy(Path(args.policy_checkpoint), env_cfg.a_max)
+        else:
+            policy = POLICIES[args.policy]
+        out = _cycles(ep.client(max_concurrency=1, cache=None), env, sed, seeds, policy)
         out["backend"], out["model"] = ep.backend, ep.model
         text = log_path.read_text(errors="replace") if srv is not None else ""
         evaluated = prompt_eval_tokens(text)
@@ -241,6 +275,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau-r", type=float, default=None, help="default: SEDConfig's")
     p.add_argument("--tau-p", type=float, default=None, help="default: SEDConfig's")
     p.add_argument("--policy", choices=sorted(POLICIES), default="shortest", help="the policy PDI/RVI compare with")
+    p.add_argument("--policy-checkpoint", default="", metavar="RUN/checkpoints/ckpt_N.pt",
+                   help="compare with a trained PPO-family policy (run checkpoint), not --policy")  # fmt: skip
     p.add_argument("--revision-mode", choices=("choice", "program"), default=None,
                    help="sed.revision_mode (default: SEDConfig's)")  # fmt: skip
     p.add_argument("--candidates", type=int, default=None, help="sed.revision_candidates (default: SEDConfig's)")
@@ -317,7 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "agents": args.agents,
         "subsets": args.subsets,
         "r_max": args.rounds,
-        "policy": args.policy,
+        "policy": args.policy_checkpoint or args.policy,
         "layout_version": v2.template_version,  # the template set of the *_v2 keys
         "tau_R": v2.tau_R,
         "tau_P": v2.tau_P,

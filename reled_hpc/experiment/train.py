@@ -197,14 +197,9 @@ class Trainer:
 
     def _policy_log_probs(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The current policy's log-probabilities at given states (for PDI/RVI)."""
-        from ..learn.losses import masked_log_probs
+        from ..learn.losses import policy_log_probs
 
-        net = self.learner.net
-        with torch.no_grad():
-            o, m = torch.from_numpy(np.asarray(obs, np.float32)), torch.from_numpy(np.asarray(mask, bool))
-            g = torch.zeros((len(o), net.global_dim)) if net.global_dim else None
-            scores, _ = net(o, m, g)
-            return masked_log_probs(scores, m).numpy()
+        return policy_log_probs(self.learner.net, obs, mask)
 
     def _init_root(self, resume: bool) -> None:
         cfg, run = self.cfg, self.folder

@@ -20,6 +20,7 @@ __all__ = [
     "masked_log_probs",
     "masked_logits",
     "per_agent_mean",
+    "policy_log_probs",
     "ppo_clip_loss",
     "value_loss",
 ]
@@ -47,6 +48,16 @@ def masked_logits(logits: Tensor, mask: Tensor) -> Tensor:
 def masked_log_probs(logits: Tensor, mask: Tensor) -> Tensor:
     """log_softmax over the last axis with invalid actions masked (their log-prob is huge negative, finite)."""
     return torch.log_softmax(masked_logits(logits, mask), dim=-1)
+
+
+def policy_log_probs(net: torch.nn.Module, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A policy network's log-probabilities over the candidates at given states, without gradients and
+    without a global state (what PDI and RVI compare the expert with)."""
+    with torch.no_grad():
+        o, m = torch.from_numpy(np.asarray(obs, np.float32)), torch.from_numpy(np.asarray(mask, bool))
+        g = torch.zeros((len(o), net.global_dim)) if net.global_dim else None
+        scores, _ = net(o, m, g)
+        return masked_log_probs(scores, m).numpy()
 
 
 def masked_entropy(logits: Tensor, mask: Tensor) -> Tensor:
