@@ -152,7 +152,7 @@ class ChoiceSet:
     rows: tuple[tuple[int, float, float, float, float, float, float, float], ...]
 
 
-CHOICE_CACHE_MAX = 200_000  # (edge, destination) pairs; ~1 KB each; cleared whole when full
+CHOICE_CACHE_MAX = 200_000  # (edge, destination) pairs kept; the cache is cleared whole when full
 
 
 ENDED = ("arrived", "failed", "truncated")
