@@ -21,7 +21,6 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from ..expert.config import SEDConfig
 from ..expert.llm_expert import LLMExpert
 from ..expert.prompts import load_template
 from ..sim.env import CAND_FEATURES, SELF_FEATURES, EnvConfig, NavigationEnv
+from ..sim.policies import GreedyPolicy
 
 SCALE_SIZES = (10, 50, 250, 1000)
 SCALE_MAPS = ("helsinki", "ingolstadt")
@@ -61,7 +61,7 @@ def shortest_policy(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
 POLICIES = {"uniform": uniform_policy, "shortest": shortest_policy}
 
 
-def checkpoint_policy(path: Path, a_max: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def checkpoint_policy(path: Path, a_max: int) -> GreedyPolicy:
     """A trained policy from a run's checkpoint (`RUN/checkpoints/ckpt_*.pt`, PPO family: IPPO, MAPPO,
     RELED), giving SED the log-probabilities the trainer gives it at that iteration."""
     from ..errors import ReledError
@@ -129,8 +129,7 @@ class _Recorder:
         return getattr(self._client, name)
 
 
-def _cycles(client: Any, env: NavigationEnv, sed: SEDConfig, seeds: list[int],
-            policy: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict[str, Any]:  # fmt: skip
+def _cycles(client: Any, env: NavigationEnv, sed: SEDConfig, seeds: list[int], policy: GreedyPolicy) -> dict[str, Any]:
     rows, latencies, prompts, completions = [], [], [], []
     client = _Recorder(client)
     for seed in seeds:
