@@ -39,6 +39,8 @@ from reled_hpc.sim.env import EnvConfig, NavigationEnv
 MODEL = "qwen2.5-coder-0.5b"
 START_TIMEOUT_S = 300  # eager: ~60-100 s on 2 cores; more while other jobs share them
 SEED = 3
+# per request: a SED prompt on an AVX2-only CPU (float32) took ~55 s alone, and requests queue behind each other
+REQUEST_TIMEOUT_S = 480
 MAX_TOKENS = 128  # bounds every answer (and this module's time: ~10-20 tok/s per sequence on CPU)
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -135,7 +137,7 @@ class Recorder:
 
 def _cycle(vllm, mode: str, rounds: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     ep = read_endpoint_file(vllm["run_dir"])
-    client = ep.client(max_concurrency=4, timeout_s=480, max_retries=0)  # no ResponseCache: llm.cache off
+    client = ep.client(max_concurrency=4, timeout_s=REQUEST_TIMEOUT_S, max_retries=0)  # no ResponseCache: llm.cache off
     rec = Recorder(client)
     base = ep.base_url[: -len("/v1")]
     before = {k: _metric(base, f"vllm:prefix_cache_{k}_total") for k in ("hits", "queries")}
@@ -217,7 +219,7 @@ def test_measure_concurrency_on_plan_requests(vllm):
     exactly max_tokens long (ignore_eos), cold (cache_salt); short answers keep it quick."""
     from reled_hpc.bench.vllm import measure_concurrency, plan_requests
 
-    client = read_endpoint_file(vllm["run_dir"]).client(max_concurrency=2, timeout_s=480, max_retries=0)
+    client = read_endpoint_file(vllm["run_dir"]).client(max_concurrency=2, timeout_s=REQUEST_TIMEOUT_S, max_retries=0)
     reqs = plan_requests(2, max_tokens=16)
     out = measure_concurrency(client, reqs, warmup=False)  # the server has answered the other tests
     assert out["m"] == 2 and out["cold"] and out["single_completion_tokens"] == 16
