@@ -186,13 +186,13 @@ def test_v1_and_v2_render_byte_identical_to_before_v3(version):
 
 
 def test_bench_llm_layout_version_option():
-    """`bench llm --layout-version` picks the set of the 'v2' (shared-prefix) side; default SED's v3."""
+    """`bench llm --layout-version` picks the set of the 'v2' (shared-prefix) side; default SED's (v4)."""
     from reled_hpc.bench import llm as bench
 
     p = argparse.ArgumentParser()
     bench.add_args(p)
-    v1, v3 = bench.sed_configs(p.parse_args([]))
-    assert (v1.template_version, v3.template_version) == ("v1", "v3") and SEDConfig().template_version == "v3"
+    v1, v4 = bench.sed_configs(p.parse_args([]))
+    assert (v1.template_version, v4.template_version) == ("v1", "v4") and SEDConfig().template_version == "v4"
     _, v2 = bench.sed_configs(p.parse_args(["--layout-version", "v2"]))
     assert v2.template_version == "v2"
     v1, v3 = bench.sed_configs(p.parse_args(["--layout-version", "v3", "--tau-r", "350"]))

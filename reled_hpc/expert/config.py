@@ -56,8 +56,9 @@ class SEDConfig:
     """Choice revisions: agents offered alternatives per revision, those with the largest KL (>= 1)."""
     prime_prefix: Literal["auto", "on", "off"] = "off"
     """Send a round's shared prompt prefix first (1 token); auto: for vLLM. Off: measured no gain (docs/llm.md)."""
-    template_version: str = "v3"
-    """Prompt template set: prompt_templates/<version>/ (v2: shared prefix first; v3: congestion after MAP too)."""
+    template_version: str = "v4"
+    """Prompt template set: prompt_templates/<version>/ (v2: shared prefix first; v3: congestion after MAP too;
+    v4: v3 with a shorter subset part)."""
     measure_external: bool = True
     """Drive 1 + m extra episodes per cycle to measure the other agents' return change (a logged metric)."""
 

@@ -11,8 +11,9 @@ Templates are package data under `prompt_templates/<version>/` (read with import
 filled with `string.Template` (`$name`), so braces in code examples need no escaping. v1: subset first;
 v2: what a cycle's subsets share first (MAP block with the live congestion), subset last; v3: v2 with
 the live congestion moved from MAP into a TRAFFIC NOW block after it, so that the prefix through MAP
-is byte-identical across cycles too (the server's prompt cache then keeps it from cycle to cycle).
-Token estimate: `estimate_tokens(text) = len(text) / 4`.
+is byte-identical across cycles too (the server's prompt cache then keeps it from cycle to cycle); v4: v3
+with a shorter subset part (no origin/destination clusters or flows: a generic program cannot act on
+them), the only part every request evaluates anew. Token estimate: `estimate_tokens(text) = len(text) / 4`.
 """
 
 from __future__ import annotations
@@ -85,11 +86,12 @@ ROUTE_SAMPLE = 200  # agents whose shortest path is traced for the crowding list
 CODE_STOP = "\n```\n"
 # summarise_subset's caps per template version: v2's subset part is all a cycle's prompts do not share
 # (the map block carries the main roads), so it is kept short; v3 keeps v2's subset part (only the
-# layout differs); v1 uses the defaults
+# layout differs), and so does v4 (its template leaves the clusters and flows out); v1 uses the defaults
 _SHARED_FIRST_LIMITS = {"max_agents_shown": 3, "max_edges_shown": 5, "max_clusters": 4, "max_landmarks": 0}
 SUMMARY_LIMITS: dict[str, dict[str, int]] = {
     "v2": dict(_SHARED_FIRST_LIMITS),
     "v3": dict(_SHARED_FIRST_LIMITS),
+    "v4": dict(_SHARED_FIRST_LIMITS),
 }
 
 
