@@ -1,6 +1,7 @@
 """SED against a real LLM server: per-request latency of the v1 and v2 prompt layouts (one server each,
-the same cycles), the share of prompt tokens the server's prefix cache served, whether revisions change
-the routes and improve on round 1, and (`--prompt-scale`) the measured prompt size for large subsets.
+the same cycles, taking turns cycle by cycle), the share of prompt tokens the server's prefix cache
+served, whether revisions change the routes and improve on round 1, and (`--prompt-scale`) the measured
+prompt size for large subsets.
 
 By default the embedded server (llama.cpp) with the shipped model; `--endpoint URL` for any
 OpenAI-compatible server (then no server log, so no cache share); `--vllm-endpoint URL` adds
@@ -129,46 +130,50 @@ class _Recorder:
         return getattr(self._client, name)
 
 
-def _cycles(client: Any, env: NavigationEnv, sed: SEDConfig, seeds: list[int], policy: GreedyPolicy) -> dict[str, Any]:
-    rows, latencies, prompts, completions = [], [], [], []
-    client = _Recorder(client)
-    for seed in seeds:
-        expert = LLMExpert(client, replace(sed), policy, seed=seed)
-        t0 = time.perf_counter()
-        _, st = expert.demonstrate(env, seed, 0)
-        wall = time.perf_counter() - t0
-        progs = st["programs"]
-        lat = [p["latency_s"] for p in progs if math.isfinite(p["latency_s"])]
-        latencies += lat
-        prompts += [p["prompt_tokens"] for p in progs if p["prompt_tokens"] >= 0]
-        completions += [p["completion_tokens"] for p in progs if p["completion_tokens"] >= 0]
-        above1 = st["rvi_max_round1"] > sed.tau_R or st["pdi_max_round1"] > sed.tau_P
-        # improved: a revision changed the routes AND an index fell (an unchanged plan re-driven beside
-        # changed ones can score lower by traffic noise alone)
-        lower = st["rvi_max"] < st["rvi_max_round1"] or st["pdi_max"] < st["pdi_max_round1"]
-        improved = lower and st["revisions_changed_routes"] > 0
-        rows.append(
-            {
-                "seed": seed,
-                "wall_s": round(wall, 2),
-                "requests": len(lat),
-                "rounds": st["rounds"],
-                "programs": st["programs_generated"],
-                "executed": st["programs_executed"],
-                "revisions": st["revisions"],
-                "revisions_changed_routes": st["revisions_changed_routes"],
-                "choice_revisions": st["choice_revisions"],
-                "rvi_round1": st["rvi_max_round1"],
-                "rvi_accepted": st["rvi_max"],
-                "pdi_round1": st["pdi_max_round1"],
-                "pdi_accepted": st["pdi_max"],
-                "above_threshold_round1": bool(above1),
-                "improved": bool(above1 and improved),
-                "error": st.get("error"),
-            }
-        )
+def _cycle_row(client: Any, env: NavigationEnv, sed: SEDConfig, seed: int, policy: GreedyPolicy,
+               acc: dict[str, list[Any]]) -> None:  # fmt: skip
+    """One SED cycle (scenario `seed`) through `client`; appends its row and per-request figures to `acc`."""
+    expert = LLMExpert(client, replace(sed), policy, seed=seed)
+    t0 = time.perf_counter()
+    _, st = expert.demonstrate(env, seed, 0)
+    wall = time.perf_counter() - t0
+    progs = st["programs"]
+    lat = [p["latency_s"] for p in progs if math.isfinite(p["latency_s"])]
+    acc["latencies"] += lat
+    acc["prompt_tokens"] += [p["prompt_tokens"] for p in progs if p["prompt_tokens"] >= 0]
+    acc["completions"] += [p["completion_tokens"] for p in progs if p["completion_tokens"] >= 0]
+    above1 = st["rvi_max_round1"] > sed.tau_R or st["pdi_max_round1"] > sed.tau_P
+    # improved: a revision changed the routes AND an index fell (an unchanged plan re-driven beside
+    # changed ones can score lower by traffic noise alone)
+    lower = st["rvi_max"] < st["rvi_max_round1"] or st["pdi_max"] < st["pdi_max_round1"]
+    improved = lower and st["revisions_changed_routes"] > 0
+    acc["cycles"].append(
+        {
+            "seed": seed,
+            "wall_s": round(wall, 2),
+            "requests": len(lat),
+            "rounds": st["rounds"],
+            "programs": st["programs_generated"],
+            "executed": st["programs_executed"],
+            "revisions": st["revisions"],
+            "revisions_changed_routes": st["revisions_changed_routes"],
+            "choice_revisions": st["choice_revisions"],
+            "rvi_round1": st["rvi_max_round1"],
+            "rvi_accepted": st["rvi_max"],
+            "pdi_round1": st["pdi_max_round1"],
+            "pdi_accepted": st["pdi_max"],
+            "above_threshold_round1": bool(above1),
+            "improved": bool(above1 and improved),
+            "error": st.get("error"),
+        }
+    )
+
+
+def _summary(acc: dict[str, list[Any]], recorded: list[Any], log_text: str) -> dict[str, Any]:
+    """One layout's figures over its cycles; `log_text`: its server's log ('' without one)."""
+    latencies, prompts, completions, rows = acc["latencies"], acc["prompt_tokens"], acc["completions"], acc["cycles"]
     gen = sum(r["programs"] for r in rows)
-    return {
+    out = {
         "requests": len(latencies),
         "request_latency_s": statistics.fmean(latencies) if latencies else math.nan,
         "request_latency_median_s": statistics.median(latencies) if latencies else math.nan,
@@ -176,40 +181,59 @@ def _cycles(client: Any, env: NavigationEnv, sed: SEDConfig, seeds: list[int], p
         "completion_tokens_mean": statistics.fmean(completions) if completions else math.nan,
         "prompt_tokens": prompts,
         "latencies": latencies,
-        "recorded": client.requests,
+        "recorded": recorded,
         "execution_rate": sum(r["executed"] for r in rows) / gen if gen else math.nan,
         "cycles": rows,
     }
+    evaluated = prompt_eval_tokens(log_text)
+    out.update(server_rates(log_text))
+    out["prompt_eval_tokens"] = evaluated
+    out["prompt_eval_tokens_mean"] = statistics.fmean(evaluated) if evaluated else math.nan
+    out["prefix_cache_hit_share"] = cache_hit_share(prompts, evaluated)
+    return out
 
 
-def _layout(args: argparse.Namespace, sed: SEDConfig, seeds: list[int], label: str) -> dict[str, Any]:
-    """The cycles on a fresh server (nothing cached from the other layout) and its cache share."""
+def _layouts(args: argparse.Namespace, v1: SEDConfig, v2: SEDConfig, seeds: list[int]) -> tuple[Any, Any]:
+    """v1 on the first `args.v1_cycles` seeds, v2 on all, each layout on its own fresh server (nothing
+    cached from the other layout), both alive at once and taking turns cycle by cycle (v1, then v2, on
+    one seed), so that a slower spell of the shared machine falls on both; one request at a time."""
     from ..llm.server import EmbeddedServer, Endpoint
 
     env_cfg = EnvConfig(map=args.map, n_agents=args.agents, traffic="light", horizon_s=900.0, seed=args.seed)
+    n_v1 = min(max(args.v1_cycles, 0), len(seeds))
+    sides = [("v1", v1)] if n_v1 else []
+    sides.append(("v2", v2))
     with contextlib.ExitStack() as stack:
-        log_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / f"server_{label}.log"
-        if args.endpoint:
-            ep = Endpoint(base_url=args.endpoint.rstrip("/"), model=args.model, backend="vllm")
-            srv = None
-        else:
-            srv = stack.enter_context(EmbeddedServer(args.model, n_threads=args.threads, log_path=log_path))
-            ep = srv.endpoint
-        env = stack.enter_context(NavigationEnv(env_cfg))
-        # one request at a time: a request's latency is its own, not time queued behind another subset's
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        runs: dict[str, dict[str, Any]] = {}
+        for label, sed in sides:
+            log_path = tmp / f"server_{label}.log"
+            if args.endpoint:
+                ep = Endpoint(base_url=args.endpoint.rstrip("/"), model=args.model, backend="vllm")
+                log_path = None
+            else:
+                srv = stack.enter_context(EmbeddedServer(args.model, n_threads=args.threads, log_path=log_path))
+                ep = srv.endpoint
+            # one request at a time: a request's latency is its own, not time queued behind another subset's
+            client = _Recorder(ep.client(max_concurrency=1, cache=None))
+            acc: dict[str, list[Any]] = {"latencies": [], "prompt_tokens": [], "completions": [], "cycles": []}
+            runs[label] = {"sed": sed, "client": client, "acc": acc, "log": log_path, "ep": ep}
+        env = stack.enter_context(NavigationEnv(env_cfg))  # one simulation, reset per cycle by its seed
         if args.policy_checkpoint:
             policy = checkpoint_policy(Path(args.policy_checkpoint), env_cfg.a_max)
         else:
             policy = POLICIES[args.policy]
-        out = _cycles(ep.client(max_concurrency=1, cache=None), env, sed, seeds, policy)
-        out["backend"], out["model"] = ep.backend, ep.model
-        text = log_path.read_text(errors="replace") if srv is not None else ""
-        evaluated = prompt_eval_tokens(text)
-        out.update(server_rates(text))
-    out["prompt_eval_tokens"] = evaluated
-    out["prompt_eval_tokens_mean"] = statistics.fmean(evaluated) if evaluated else math.nan
-    out["prefix_cache_hit_share"] = cache_hit_share(out["prompt_tokens"], evaluated)
-    return out
+        for i, seed in enumerate(seeds):
+            for label, run in runs.items():
+                if label == "v2" or i < n_v1:
+                    _cycle_row(run["client"], env, run["sed"], seed, policy, run["acc"])
+        out = {}
+        for label, run in runs.items():
+            log = run["log"]
+            text = log.read_text(errors="replace") if log is not None else ""
+            out[label] = _summary(run["acc"], run["client"].requests, text)
+            out[label]["backend"], out[label]["model"] = run["ep"].backend, run["ep"].model
+    return out.get("v1"), out["v2"]
 
 
 def prompt_scale(model: str, n_ctx: int = 4096, max_tokens: int = 512, layout: str = "v2") -> list[dict[str, Any]]:
@@ -327,8 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     v1, v2 = sed_configs(args)
     seeds = [args.seed + i for i in range(args.cycles)]
-    r1 = _layout(args, v1, seeds[: args.v1_cycles], "v1") if args.v1_cycles > 0 else None
-    r2 = _layout(args, v2, seeds, "v2")
+    r1, r2 = _layouts(args, v1, v2, seeds)
     lat1 = r1["request_latency_s"] if r1 else math.nan
     lat2 = r2["request_latency_s"]
     # the ratio compares v1 and v2 on the same cycles (the first v1_cycles)
