@@ -386,9 +386,9 @@ def test_bench_llm_json_has_every_key(tmp_path):
     assert out["request_latency_s_v1"] > 0 and out["request_latency_s_v2"] > 0 and out["speedup_v2_over_v1"] > 0
     # warm: each server's first request left out
     assert out["request_latency_s_v1_warm"] > 0 and out["request_latency_s_v2_warm_same_cycles"] > 0
-    assert out["speedup_v2_over_v1_warm"] == pytest.approx(
-        out["request_latency_s_v1_warm"] / out["request_latency_s_v2_warm_same_cycles"], rel=2e-3
-    )
+    # the ratio is taken before rounding; the latencies are printed to 3 decimals (tinycoder's are ~0.03 s)
+    a, b = out["request_latency_s_v1_warm"], out["request_latency_s_v2_warm_same_cycles"]
+    assert (a - 5e-4) / (b + 5e-4) - 1e-3 <= out["speedup_v2_over_v1_warm"] <= (a + 5e-4) / (b - 5e-4) + 1e-3
     assert bench._warm_mean([9.0, 1.0, 2.0]) == 1.5 and math.isnan(bench._warm_mean([9.0]))
     assert 0.0 <= out["prefix_cache_hit_share"] <= 1.0
     assert out["revisions"] == 2 and out["revisions_changed_routes_share"] == 0.0  # failed answers change nothing

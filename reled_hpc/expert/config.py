@@ -57,8 +57,7 @@ class SEDConfig:
     prime_prefix: Literal["auto", "on", "off"] = "off"
     """Send a round's shared prompt prefix first (1 token); auto: for vLLM. Off: measured no gain (docs/llm.md)."""
     template_version: str = "v4"
-    """Prompt template set: prompt_templates/<version>/ (v2: shared prefix first; v3: congestion after MAP too;
-    v4: v3 with a shorter subset part)."""
+    """Prompt template set prompt_templates/<version>/: v1, v2 (shared prefix), v3 (+ congestion), v4 (short subset)."""
     measure_external: bool = True
     """Drive 1 + m extra episodes per cycle to measure the other agents' return change (a logged metric)."""
 
