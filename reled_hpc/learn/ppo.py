@@ -16,6 +16,7 @@ from ..dist.comm import MPIComm, SerialComm
 from . import losses
 from .config import PPOConfig
 from .nets import PointerNet
+from .optim import adam, load_adam_state
 from .rollout import Actor, Batch
 
 Comm = SerialComm | MPIComm
@@ -53,7 +54,7 @@ class PPOLearner:
         self.cfg = cfg
         self.central = central
         self.net = PointerNet(a_max, cfg.hidden, g_dim if central else 0)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, eps=1e-5)
+        self.opt = adam(self.net.parameters(), lr=cfg.lr, eps=1e-5)
         self.sample_gen = torch.Generator().manual_seed(seed + 1)
         self.shuffle_rng = np.random.default_rng(seed + 2)
 
@@ -70,7 +71,7 @@ class PPOLearner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
-        self.opt.load_state_dict(state["opt"])
+        load_adam_state(self.opt, state["opt"])
         self.sample_gen.set_state(state["gen"])
         self.shuffle_rng.bit_generator.state = state["shuffle"]
 
@@ -181,7 +182,7 @@ class PPOLearner:
                     escores, _ = self._forward(e, eidx)
                     bc = losses.bc_nll(escores, e["action_mask"][eidx], e["action"][eidx])
                     nact = None if n_active is None else float(n_active[k])
-                    policy_loss, _info = losses.hybrid_loss(ppo, t["agent"][idx], bc, e["agent"][eidx], alpha_t, nact)
+                    policy_loss = losses.hybrid_objective(ppo, t["agent"][idx], bc, e["agent"][eidx], alpha_t, nact)
                     bc_stat = float(share_of_mean(bc.detach(), etotal)) if etotal else float("nan")
                 else:
                     policy_loss = share_of_mean(ppo, total)

@@ -53,6 +53,7 @@ from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_para
 from .config import QMIXConfig
 from .mixer import QMixer
 from .nets import N_SELF, PointerNet
+from .optim import adam, load_adam_state
 from .rollout import Actor, Batch
 
 # ---- group / next-row construction (vectorised, O(n log n)) -----------------------------------------
@@ -264,7 +265,7 @@ class QMIXLearner:
         self.target_mixer = copy.deepcopy(self.mixer).requires_grad_(False)
         self.params = [p for n, p in self.net.named_parameters() if not n.startswith("value_head")]
         self.params += list(self.mixer.parameters())
-        self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.opt = adam(self.params, lr=cfg.lr)
         self.act_rng = np.random.default_rng(seed + 1)
         self.replay = GroupReplay(cfg.buffer_decisions, seed + 2)
         self.iteration = 0
@@ -300,7 +301,7 @@ class QMIXLearner:
         self.mixer.load_state_dict(state["mixer"])
         self.target_net.load_state_dict(state["target_net"])
         self.target_mixer.load_state_dict(state["target_mixer"])
-        self.opt.load_state_dict(state["opt"])
+        load_adam_state(self.opt, state["opt"])
         self.act_rng.bit_generator.state = state["act_rng"]
         self.replay.load_state_dict(state["replay"])
         self.iteration = state["iteration"]
