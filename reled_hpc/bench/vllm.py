@@ -104,16 +104,19 @@ def plan_requests(
     map_name: str = "grid",
     seed: int = 0,
     fixed_length: bool = True,
-    template_version: str = "v2",
+    template_version: str | None = None,
 ) -> list[Request]:
     """SED's round-1 requests of one cycle: the code-mode plan prompts of `m` subsets of `agents` agents,
-    in SED's default layout (v2: the shared part, map block included, first).
+    in `template_version`'s layout (default: SED's, `SEDConfig.template_version`).
     `fixed_length`: vLLM's `ignore_eos`, so every answer is max_tokens long and the single request and
     the cycle generate alike (otherwise one subset's early stop skews the ratio)."""
+    from ..expert.config import SEDConfig
     from ..expert.llm_expert import agent_rows
     from ..expert.partition import partition_for_cycle
     from ..expert.prompts import SUMMARY_LIMITS, build_plan_messages, summarise_map, summarise_subset
     from ..sim.env import EnvConfig, NavigationEnv
+
+    template_version = template_version or SEDConfig.template_version
 
     cfg = EnvConfig(map=map_name, n_agents=agents, traffic="light", horizon_s=600.0, seed=seed)
     with NavigationEnv(cfg) as env:
@@ -141,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--m", type=int, action="append", help="requests in flight (repeatable; default 2 and 4)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--agents", type=int, default=8)
+    p.add_argument("--template-version", default=None, help="prompt layout (default: SED's, sed.template_version)")
     args = p.parse_args(argv)
     ep = read_endpoint_file(args.endpoint)
     out = []
     for m in args.m or [2, 4]:
         client = ep.client(max_concurrency=m, timeout_s=600, max_retries=0)
-        reqs = plan_requests(m, max_tokens=args.max_tokens, agents=max(args.agents, m))
+        reqs = plan_requests(m, max_tokens=args.max_tokens, agents=max(args.agents, m),
+                             template_version=args.template_version)  # fmt: skip
         # unprimed and primed in turn, each cold: the same load for both
         for prime in (False, True):
             out.append({"backend": ep.backend, "model": ep.model,
