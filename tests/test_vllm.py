@@ -233,3 +233,26 @@ def test_measure_concurrency_on_plan_requests(vllm):
     assert primed["primed"] and 0 < primed["prime_s"] < primed["cycle_s"]
     assert primed["cycle_completion_tokens"] == 32
     print(f"m=2, 16 tokens each: {out}\nprimed: {primed}")
+
+
+def test_bench_llm_replays_one_cycles_round_on_vllm(vllm):
+    """`bench llm --vllm-endpoint`: the concurrency ratio is measured on one cycle's round 1 (m = --subsets
+    requests in flight), not on every request the cycles sent (here 2 cycles x 2 subsets); the cycles
+    themselves run on the same vLLM server (`--endpoint`), 16-token answers keep it quick."""
+    import argparse
+
+    from reled_hpc.bench import llm as bench
+
+    url = read_endpoint_file(vllm["run_dir"]).base_url
+    p = argparse.ArgumentParser()
+    bench.add_args(p)
+    args = p.parse_args(["--model", MODEL, "--endpoint", url, "--vllm-endpoint", url, "--map", "grid", "--agents", "4",
+                         "--subsets", "2", "--cycles", "2", "--v1-cycles", "0", "--rounds", "1",
+                         "--max-tokens", "16"])  # fmt: skip
+    out = bench.run(args)
+    assert out["v2"]["requests"] == 4  # 2 cycles x 2 subsets, round 1 only
+    for side in ("unprimed", "primed"):
+        m = out["vllm"][side]
+        assert m["m"] == 2 and m["cycle_completion_tokens"] <= 32, m
+        assert m["cycle_prompt_tokens"] > m["single_prompt_tokens"] > 500  # SED's own prompts
+    assert out["vllm_concurrency_ratio"] == out["vllm"]["unprimed"]["vllm_concurrency_ratio"] > 0

@@ -5,12 +5,14 @@ prompt size for large subsets.
 
 By default the embedded server (llama.cpp) with the shipped model; `--endpoint URL` for any
 OpenAI-compatible server (then no server log, so no cache share); `--vllm-endpoint URL` adds
-`reled_hpc.bench.vllm.measure_concurrency` on a vLLM server.
+`reled_hpc.bench.vllm.measure_concurrency` on a vLLM server, replaying the first cycle's round 1 (its
+--subsets requests, all in flight).
 
 v1 runs as SED ran before the v2 work (v1 layout, no stop sequence, revisions at temperature 0); the
-"v2" side with the SEDConfig defaults (the shared-prefix layout, v3 by default: v2 with the live
-congestion out of the shared prefix; stop at the closing fence, revision_temperature,
-revision_candidates). `--layout-version v2` runs that side with v2; the output keys keep the name "v2".
+"v2" side with the SEDConfig defaults (a shared-prefix layout, v4 by default: v2 with the live
+congestion out of the shared prefix and a shorter subset part; stop at the closing fence,
+revision_temperature, revision_candidates). `--layout-version v2` (or v3) runs that side with that
+layout; the output keys keep the name "v2".
 """
 
 from __future__ import annotations
@@ -116,14 +118,15 @@ def cache_hit_share(prompt_tokens: list[int], evaluated: list[int]) -> float:
 
 
 class _Recorder:
-    """An LLMClient that keeps every Request it is asked (to replay them against vLLM)."""
+    """An LLMClient that keeps the Requests of every `complete_many` call (to replay them against vLLM):
+    SED sends one call per round, all subsets in flight, so `calls[0]` is the first cycle's round 1."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
-        self.requests: list[Any] = []
+        self.calls: list[list[Any]] = []
 
     def complete_many(self, requests: Any, **kw: Any) -> list[Any]:
-        self.requests += list(requests)
+        self.calls.append(list(requests))
         return self._client.complete_many(requests, **kw)
 
     def __getattr__(self, name: str) -> Any:
@@ -170,7 +173,8 @@ def _cycle_row(client: Any, env: NavigationEnv, sed: SEDConfig, seed: int, polic
 
 
 def _summary(acc: dict[str, list[Any]], recorded: list[Any], log_text: str) -> dict[str, Any]:
-    """One layout's figures over its cycles; `log_text`: its server's log ('' without one)."""
+    """One layout's figures over its cycles; `recorded`: the requests a vLLM server replays (one cycle's
+    round 1); `log_text`: its server's log ('' without one)."""
     latencies, prompts, completions, rows = acc["latencies"], acc["prompt_tokens"], acc["completions"], acc["cycles"]
     gen = sum(r["programs"] for r in rows)
     out = {
@@ -231,7 +235,8 @@ def _layouts(args: argparse.Namespace, v1: SEDConfig, v2: SEDConfig, seeds: list
         for label, run in runs.items():
             log = run["log"]
             text = log.read_text(errors="replace") if log is not None else ""
-            out[label] = _summary(run["acc"], run["client"].requests, text)
+            calls = run["client"].calls
+            out[label] = _summary(run["acc"], calls[0] if calls else [], text)
             out[label]["backend"], out[label]["model"] = run["ep"].backend, run["ep"].model
     return out.get("v1"), out["v2"]
 
@@ -283,7 +288,11 @@ def prompt_scale(model: str, n_ctx: int = 4096, max_tokens: int = 512, layout: s
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b", help="embedded registry model or GGUF path")
     p.add_argument("--endpoint", default="", help="an OpenAI-compatible base URL instead of the embedded server")
-    p.add_argument("--vllm-endpoint", default="", help="a vLLM base URL: also measure its concurrency ratio")
+    p.add_argument(
+        "--vllm-endpoint",
+        default="",
+        help="a vLLM base URL: also measure its concurrency ratio on the first cycle's round 1",
+    )
     p.add_argument("--map", default="helsinki")
     p.add_argument("--agents", type=int, default=10)
     p.add_argument("--subsets", type=int, default=2)
