@@ -247,20 +247,18 @@ def test_hybrid_loss_gradients_follow_alpha():
     np.testing.assert_allclose(bc.grad.numpy(), [0.75 / 2 / 2] * 2 + [0.4 / 3 / 2] * 3)
 
 
-def test_hybrid_objective_is_hybrid_losss_loss_with_the_same_gradient():
-    """The training step's form (no statistics) computes the same value and gradient, with and without n_active."""
-    from reled_hpc.learn.losses import hybrid_objective
-
+def test_hybrid_loss_without_stats_has_the_same_value_and_gradient():
+    """The training step's form (stats=False) computes the same value and gradient, with and without n_active."""
     for n_active in (None, 5.0):
         ppo = PPO.clone().requires_grad_(True)
         bc = BC.clone().requires_grad_(True)
-        loss, _ = hybrid_loss(ppo, PPO_AG, bc, BC_AG, T([0.25, 0.6], dtype=torch.float64), n_active)
+        loss, info = hybrid_loss(ppo, PPO_AG, bc, BC_AG, T([0.25, 0.6], dtype=torch.float64), n_active)
         loss.backward()
         ppo2 = PPO.clone().requires_grad_(True)
         bc2 = BC.clone().requires_grad_(True)
-        obj = hybrid_objective(ppo2, PPO_AG, bc2, BC_AG, T([0.25, 0.6], dtype=torch.float64), n_active)
-        obj.backward()
-        assert float(obj.detach()) == float(loss.detach())
+        bare, none = hybrid_loss(ppo2, PPO_AG, bc2, BC_AG, T([0.25, 0.6], dtype=torch.float64), n_active, stats=False)
+        bare.backward()
+        assert none == {} and info["loss"] == float(bare.detach()) == float(loss.detach())
         assert torch.equal(ppo.grad, ppo2.grad) and torch.equal(bc.grad, bc2.grad)
     with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
-        hybrid_objective(PPO, PPO_AG, BC, BC_AG, T([0.25, 1.5], dtype=torch.float64))
+        hybrid_loss(PPO, PPO_AG, BC, BC_AG, T([0.25, 1.5], dtype=torch.float64), stats=False)

@@ -16,7 +16,6 @@ __all__ = [
     "gae",
     "gae_by_agent",
     "hybrid_loss",
-    "hybrid_objective",
     "masked_entropy",
     "masked_log_probs",
     "masked_logits",
@@ -259,6 +258,8 @@ def hybrid_loss(
     bc_agent: Tensor,
     alpha: Tensor,
     n_active: float | None = None,
+    *,
+    stats: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """The HPO objective over N agents (alpha has shape (N,), agent indices in [0, N)):
 
@@ -280,11 +281,14 @@ def hybrid_loss(
     passes its own rows and the global count; agents are disjoint across ranks, so the per-rank
     losses then sum to the global one). None: counted from these rows.
 
-    Returns the loss and its statistics by name; `hybrid_objective` is the loss alone.
+    Returns the loss and its statistics by name; `stats=False`: an empty dict instead, the form a
+    training step calls hundreds of times per update (the statistics are a dozen small ops and syncs).
     """
     loss, a, ppo_mean, bc_mean, ppo_cnt, bc_cnt = _hybrid_terms(
         ppo_per_sample, ppo_agent, bc_per_sample, bc_agent, alpha, n_active
     )
+    if not stats:
+        return loss, {}
     with torch.no_grad():
         has_ppo, has_bc = ppo_cnt > 0, bc_cnt > 0
         active = has_ppo | has_bc
@@ -297,19 +301,6 @@ def hybrid_loss(
             "n_agents_bc": float(has_bc.sum()),
         }
     return loss, info
-
-
-def hybrid_objective(
-    ppo_per_sample: Tensor,
-    ppo_agent: Tensor,
-    bc_per_sample: Tensor,
-    bc_agent: Tensor,
-    alpha: Tensor,
-    n_active: float | None = None,
-) -> Tensor:
-    """`hybrid_loss`'s loss without its statistics: the form a training step calls hundreds of times
-    per update, where the statistics' dozen small tensor ops and syncs would be computed and dropped."""
-    return _hybrid_terms(ppo_per_sample, ppo_agent, bc_per_sample, bc_agent, alpha, n_active)[0]
 
 
 def _hybrid_terms(

@@ -182,7 +182,9 @@ class PPOLearner:
                     escores, _ = self._forward(e, eidx)
                     bc = losses.bc_nll(escores, e["action_mask"][eidx], e["action"][eidx])
                     nact = None if n_active is None else float(n_active[k])
-                    policy_loss = losses.hybrid_objective(ppo, t["agent"][idx], bc, e["agent"][eidx], alpha_t, nact)
+                    policy_loss, _ = losses.hybrid_loss(
+                        ppo, t["agent"][idx], bc, e["agent"][eidx], alpha_t, nact, stats=False
+                    )
                     bc_stat = float(share_of_mean(bc.detach(), etotal)) if etotal else float("nan")
                 else:
                     policy_loss = share_of_mean(ppo, total)
