@@ -284,34 +284,6 @@ def hybrid_loss(
     Returns the loss and its statistics by name; `stats=False`: an empty dict instead, the form a
     training step calls hundreds of times per update (the statistics are a dozen small ops and syncs).
     """
-    loss, a, ppo_mean, bc_mean, ppo_cnt, bc_cnt = _hybrid_terms(
-        ppo_per_sample, ppo_agent, bc_per_sample, bc_agent, alpha, n_active
-    )
-    if not stats:
-        return loss, {}
-    with torch.no_grad():
-        has_ppo, has_bc = ppo_cnt > 0, bc_cnt > 0
-        active = has_ppo | has_bc
-        info = {
-            "loss": float(loss),
-            "ppo": float(ppo_mean[has_ppo].mean()) if bool(has_ppo.any()) else 0.0,
-            "bc": float(bc_mean[has_bc].mean()) if bool(has_bc.any()) else 0.0,
-            "alpha_mean": float(a[active].mean()) if bool(active.any()) else 0.0,
-            "n_agents_active": float(active.sum()),
-            "n_agents_bc": float(has_bc.sum()),
-        }
-    return loss, info
-
-
-def _hybrid_terms(
-    ppo_per_sample: Tensor,
-    ppo_agent: Tensor,
-    bc_per_sample: Tensor,
-    bc_agent: Tensor,
-    alpha: Tensor,
-    n_active: float | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, alpha as a constant, per-agent PPO and BC means, per-agent PPO and BC row counts)."""
     if alpha.ndim != 1:
         raise ValueError(f"alpha must have shape (N,), got {tuple(alpha.shape)}")
     n = alpha.shape[0]
@@ -323,9 +295,21 @@ def _hybrid_terms(
     bc_sum, bc_cnt = _per_agent_sum_count(bc_per_sample.to(dtype), bc_agent, n)
     ppo_mean = ppo_sum / ppo_cnt.clamp(min=1.0)
     bc_mean = bc_sum / bc_cnt.clamp(min=1.0)
-    if n_active is None:
-        n_act: Tensor | float = ((ppo_cnt > 0) | (bc_cnt > 0)).sum().clamp(min=1).to(dtype)
-    else:
-        n_act = max(float(n_active), 1.0)
+    active = (ppo_cnt > 0) | (bc_cnt > 0)
+    n_act = active.sum().clamp(min=1).to(dtype) if n_active is None else max(float(n_active), 1.0)
     per_agent = a * ppo_mean + (1.0 - a) * bc_mean
-    return per_agent.sum() / n_act, a, ppo_mean, bc_mean, ppo_cnt, bc_cnt
+    loss = per_agent.sum() / n_act
+    if not stats:
+        return loss, {}
+
+    with torch.no_grad():
+        has_ppo, has_bc = ppo_cnt > 0, bc_cnt > 0
+        info = {
+            "loss": float(loss),
+            "ppo": float(ppo_mean[has_ppo].mean()) if bool(has_ppo.any()) else 0.0,
+            "bc": float(bc_mean[has_bc].mean()) if bool(has_bc.any()) else 0.0,
+            "alpha_mean": float(a[active].mean()) if bool(active.any()) else 0.0,
+            "n_agents_active": float(active.sum()),
+            "n_agents_bc": float(has_bc.sum()),
+        }
+    return loss, info
