@@ -86,6 +86,27 @@ def test_env_benchmark_prints_one_json_object():
         "raw_sumo_steps_per_s",
         "overhead_ratio",
         "peak_rss_mb",
+        "sumo_step_ratio",
+        "sumo_step_ratio_interleaved",
     ):
         assert key in out
     assert out["agents"] == 10 and out["sim_steps"] == 60 and out["raw_sim_steps"] == 60
+    # the step timer sees SUMO's steps in both runs; the controlled run also spends time around them
+    assert 0 < out["controlled_sumo_step_s"] < out["controlled_wall_s"] and out["controlled_python_s"] > 0
+    assert 0 < out["raw_sumo_step_s"] <= out["raw_wall_s"]
+    assert len(out["interleaved_python_ms_per_step"]) == 1 and out["interleaved_python_ms_per_step"][0] > 0
+
+
+@pytest.mark.parametrize("side", ["controlled", "raw"])
+def test_env_benchmark_runs_one_side_alone(side):
+    """--only runs one side (for a profiler attached to the process) and reports it without ratios."""
+    import json
+
+    cmd = [sys.executable, "-m", "reled_hpc.bench", "env", "--map", "grid", "--agents", "10", "--steps", "60"]
+    cmd += ["--repeats", "2", "--only", side, "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["only"] == side and out["sim_steps"] == 60 and len(out["wall_s_all"]) == 2
+    assert 0 < out["sumo_step_s"] <= out["wall_s"] == min(out["wall_s_all"])
+    assert "overhead_ratio" not in out
