@@ -95,6 +95,9 @@ def test_env_benchmark_prints_one_json_object():
     assert 0 < out["controlled_sumo_step_s"] < out["controlled_wall_s"] and out["controlled_python_s"] > 0
     assert 0 < out["raw_sumo_step_s"] <= out["raw_wall_s"]
     assert len(out["interleaved_python_ms_per_step"]) == 1 and out["interleaved_python_ms_per_step"][0] > 0
+    # with one round the paired ratio is that round's, the same as the ratio of the (only) minima
+    assert out["overhead_ratio_paired_all"] == [out["overhead_ratio_paired_median"]]
+    assert out["overhead_ratio_paired_median"] == pytest.approx(out["overhead_ratio"], abs=2e-3)
 
 
 @pytest.mark.parametrize("side", ["controlled", "raw"])

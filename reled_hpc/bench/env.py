@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import random
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,19 +58,29 @@ class _PythonLoad:
         self.k = 0
 
     def set_length(self, seconds_per_call: float) -> None:
-        self.k = min(max(int(seconds_per_call / self.per_item), 0), len(self.items) // 2)
+        self.k = max(int(seconds_per_call / self.per_item), 0)
+
+    def observed(self, seconds_per_call: float) -> None:
+        """Recalibrates from a run's actual length per call: between SUMO's steps the objects are
+        colder than in the start-up calibration, so an item costs more there."""
+        if self.k > 0 and seconds_per_call > 0:
+            self.per_item = seconds_per_call / self.k
 
     def _walk(self, k: int) -> int:
-        items, index, acc = self.items, self.index, 0
-        p = self.pos
-        for c in items[p : p + k]:
-            c = index[id(c)]
-            if c.a % 3:
-                c.b.append(acc)
-                c.b.pop()
-            else:
-                acc += c.a
-        self.pos = (p + k) % (len(items) - k)
+        """Visits the next k objects, wrapping around the list."""
+        items, index, acc, n = self.items, self.index, 0, len(self.items)
+        while k > 0:
+            p = self.pos
+            chunk = items[p : p + k]
+            for c in chunk:
+                c = index[id(c)]
+                if c.a % 3:
+                    c.b.append(acc)
+                    c.b.pop()
+                else:
+                    acc += c.a
+            k -= len(chunk)
+            self.pos = (p + len(chunk)) % n
         return acc
 
     def __call__(self) -> None:
@@ -173,12 +184,14 @@ def bench_env_side(
 def bench_env(
     map_name: str, agents: int, steps: int, traffic: str, seed: int, repeats: int = 3, interleave: bool = True
 ) -> dict[str, Any]:
-    """Controlled and raw runs alternate `repeats` times; the fastest of each is kept (this VM is noisy).
+    """Controlled and raw runs alternate `repeats` times; the fastest of each is kept (this VM is noisy),
+    and each round's own ratio too (`overhead_ratio_paired_*`).
     The `_cpu` fields use this process's CPU time, which other processes' load disturbs less than wall time.
     With `interleave`, each round adds a raw run with synthetic Python work between the steps, as long
     per step as that round's controlled run spent outside SUMO's step (see `_PythonLoad`)."""
     cfg = _config(map_name, agents, steps, traffic, seed)
     ctrl, raw, ctrl_cpu, raw_cpu, ctrl_sumo, raw_sumo, mixed_sumo = [], [], [], [], [], [], []
+    paired: list[float] = []  # each round's controlled over raw: the two share the machine's phase
     load = _PythonLoad() if interleave else None
     load_ms: list[float] = []
     with NavigationEnv(cfg) as env:
@@ -189,13 +202,16 @@ def bench_env(
             ctrl_cpu.append(cpu)
             ctrl_sumo.append(inside)
             raw_wall, cpu, raw_steps, inside = _raw_run(env, sim_steps, seed)  # exactly as many simulated seconds
+            paired.append((wall / sim_steps) / (raw_wall / max(raw_steps, 1)))
             raw.append(raw_wall)
             raw_cpu.append(cpu)
             raw_sumo.append(inside)
             if load is not None:
-                load_ms.append((ctrl[-1] - ctrl_sumo[-1]) / max(sim_steps, 1) * 1e3)
-                load.set_length(load_ms[-1] / 1e3)
-                mixed_sumo.append(_raw_run(env, sim_steps, seed, load)[3])
+                load.set_length((ctrl[-1] - ctrl_sumo[-1]) / max(sim_steps, 1))
+                mixed_wall, _, mixed_steps, inside = _raw_run(env, sim_steps, seed, load)
+                mixed_sumo.append(inside)
+                load_ms.append((mixed_wall - inside) / max(mixed_steps, 1) * 1e3)  # as run, not as asked
+                load.observed(load_ms[-1] / 1e3)
     ctrl_wall, raw_wall = min(ctrl), min(raw)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     out = {
@@ -216,6 +232,10 @@ def bench_env(
         "raw_wall_s_all": [round(w, 3) for w in raw],
         "raw_sumo_steps_per_s": round(raw_steps / raw_wall, 1),
         "overhead_ratio": round((ctrl_wall / sim_steps) / (raw_wall / max(raw_steps, 1)), 3),
+        # the median of the rounds' own ratios: steadier than the ratio of two minima when the
+        # machine's speed drifts between rounds (the minima may then come from different phases)
+        "overhead_ratio_paired_median": round(statistics.median(paired), 3),
+        "overhead_ratio_paired_all": [round(r, 3) for r in paired],
         "controlled_cpu_s": round(min(ctrl_cpu), 3),
         "raw_cpu_s": round(min(raw_cpu), 3),
         "overhead_ratio_cpu": round((min(ctrl_cpu) / sim_steps) / (max(min(raw_cpu), 1e-9) / max(raw_steps, 1)), 3),
